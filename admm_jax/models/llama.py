@@ -266,7 +266,7 @@ class Llama(nnx.Module):
         """Final norm and output projection: ``[B, T, dim] -> f32[B, T, vocab]``."""
         h = self.final_norm(h)
         if self.lm_head is None:
-            logits = h @ self.embed.embedding.value.astype(h.dtype).T
+            logits = h @ self.embed.embedding[...].astype(h.dtype).T
         else:
             logits = self.lm_head(h)
         return logits.astype(jnp.float32)
@@ -292,14 +292,14 @@ def init_params(config: LlamaConfig, key: Array) -> tuple[nnx.GraphDef, dict]:
     """
     model = Llama(config, rngs=nnx.Rngs(params=key))
     graphdef, state = nnx.split(model)
-    return graphdef, state.to_pure_dict()
+    return graphdef, nnx.to_pure_dict(state)
 
 
 def abstract_params(config: LlamaConfig) -> tuple[nnx.GraphDef, dict]:
     """Like :func:`init_params` but with ``jax.ShapeDtypeStruct`` leaves (no allocation)."""
     model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(params=0)))
     graphdef, state = nnx.split(model)
-    return graphdef, state.to_pure_dict()
+    return graphdef, nnx.to_pure_dict(state)
 
 
 def forward(graphdef: nnx.GraphDef, params: dict, tokens: Array) -> Array:

@@ -1,0 +1,58 @@
+"""Run directories: ``runs/<name>/`` with config.json, metrics.jsonl, summary.md and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def run_dir(root: str | os.PathLike, name: str) -> Path:
+    """``root/name`` (created). Names may not contain path separators."""
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"run name must be a plain directory name, got {name!r}")
+    path = Path(root) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; floats are printed with 4 significant digits."""
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_training(history: list[dict], path: Path, title: str) -> None:
+    """Train loss (left axis) and validation perplexity (right axis) against step."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in history]
+    ax.plot(steps, [r["loss"] for r in history], label="train loss", color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    evals = [r for r in history if "val_ppl" in r]
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in evals], [r["val_ppl"] for r in evals], "o-",
+                 color="tab:red", label="val perplexity")
+        ax2.set_ylabel("validation perplexity")
+        ax2.set_yscale("log")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
