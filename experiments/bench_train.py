@@ -1,0 +1,111 @@
+"""Throughput baseline: tokens/s of the ``tiny`` train step and of a SmolLM2-135M forward pass.
+
+    python -m experiments.bench_train [--out results/bench_train.json]
+
+Each measurement compiles once, warms up, then times ``repeats`` calls with
+``block_until_ready``; the median is reported. Later benchmarks (SALAAD, ELSA) compare their
+step time against these numbers measured the same way. Writes JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from admm_jax.models.llama import (
+    LlamaConfig,
+    abstract_params,
+    count_params,
+    forward,
+    init_params,
+)
+from admm_jax.models.pretrained import load_smollm2
+from admm_jax.train import TrainConfig, default_optimizer, make_train_step
+from experiments.cli import parse_config
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchTrainConfig:
+    """Tokens/s of the tiny train step and of a SmolLM2 forward pass."""
+
+    out: str = "results/bench_train.json"
+    batch_size: int = 32
+    seq_len: int = 128
+    smollm2_batch: int = 4
+    smollm2_seq_len: int = 256
+    repeats: int = 10
+    warmup: int = 2
+
+
+def time_calls(fn, repeats: int, warmup: int) -> float:
+    """Median wall seconds of ``fn()`` (which must return something blockable)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_tiny_train_step(cfg: BenchTrainConfig) -> dict:
+    model_config = LlamaConfig.preset("tiny")
+    train_cfg = TrainConfig(batch_size=cfg.batch_size, seq_len=cfg.seq_len)
+    graphdef, params = init_params(model_config, jax.random.key(0))
+    tx = default_optimizer(train_cfg)
+    state = {"params": params, "opt_state": tx.init(params)}
+    step = make_train_step(graphdef, tx)
+    batch = jnp.asarray(np.random.default_rng(0).integers(
+        0, model_config.vocab_size, (cfg.batch_size, cfg.seq_len + 1)), jnp.int32)
+
+    def run():
+        state["params"], state["opt_state"], m = step(state["params"], state["opt_state"], batch)
+        return m["loss"]
+
+    seconds = time_calls(run, cfg.repeats, cfg.warmup)
+    return {"params": count_params(params), "batch_size": cfg.batch_size,
+            "seq_len": cfg.seq_len, "step_seconds": seconds,
+            "tokens_per_s": cfg.batch_size * cfg.seq_len / seconds}
+
+
+def bench_smollm2_forward(cfg: BenchTrainConfig) -> dict:
+    model = load_smollm2()
+    graphdef, _ = abstract_params(model.config)
+    fwd = jax.jit(lambda p, t: forward(graphdef, p, t))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(
+        0, model.config.vocab_size, (cfg.smollm2_batch, cfg.smollm2_seq_len)), jnp.int32)
+    seconds = time_calls(lambda: fwd(model.params, tokens), cfg.repeats, cfg.warmup)
+    return {"params": count_params(model.params), "batch_size": cfg.smollm2_batch,
+            "seq_len": cfg.smollm2_seq_len, "forward_seconds": seconds,
+            "tokens_per_s": cfg.smollm2_batch * cfg.smollm2_seq_len / seconds}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(BenchTrainConfig, argv)
+    result = {
+        "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
+        "device_count": jax.device_count(), "machine": platform.machine(),
+        "jax": jax.__version__,
+        "tiny_train_step": bench_tiny_train_step(cfg),
+        "smollm2_forward": bench_smollm2_forward(cfg),
+    }
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"wrote {out}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()
