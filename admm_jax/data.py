@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tokenizers
@@ -345,6 +346,10 @@ class TokenizedCorpus:
         tokenizer: the tokenizer that produced them (save it next to checkpoints).
         eos_id: id of :data:`EOS_TOKEN`, appended after every document.
         name: corpus label.
+        source: what to pass to :func:`prepare_corpus` to rebuild it (a registered name or an
+            absolute path).
+        val_fraction: fraction of documents in the validation split.
+        seed: seed of the document split.
     """
 
     train: np.ndarray = dataclasses.field(repr=False)
@@ -352,11 +357,22 @@ class TokenizedCorpus:
     tokenizer: tokenizers.Tokenizer = dataclasses.field(repr=False)
     eos_id: int
     name: str
+    source: str
+    val_fraction: float
+    seed: int
 
     @property
     def vocab_size(self) -> int:
         """Number of token ids (embedding rows needed), special tokens included."""
         return self.tokenizer.get_vocab_size()
+
+
+def corpus_meta(corpus: TokenizedCorpus) -> dict[str, Any]:
+    """JSON-ready fields that identify ``corpus`` and its split, for checkpoint metadata:
+    ``prepare_corpus(m["corpus"], val_fraction=m["val_fraction"], seed=m["split_seed"],
+    tokenizer=...)`` rebuilds the same splits."""
+    return {"corpus": corpus.source, "val_fraction": corpus.val_fraction,
+            "split_seed": corpus.seed}
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:
@@ -485,8 +501,10 @@ def prepare_corpus(corpus: str | os.PathLike, *, vocab_size: int = 8192,
         if cached is None:
             raise RuntimeError(f"token cache {final} could not be read back after writing it")
     train, val = cached
+    registered = isinstance(corpus, str) and corpus in CORPORA
+    source = corpus if registered else str(Path(corpus).resolve())
     return TokenizedCorpus(train=train, val=val, tokenizer=tokenizer, eos_id=eos_id,
-                           name=corpus_id)
+                           name=corpus_id, source=source, val_fraction=val_fraction, seed=seed)
 
 
 # --------------------------------------------------------------------------------------------------

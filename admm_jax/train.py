@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from admm_jax import sharding
 from admm_jax.checkpoint import Checkpointer
-from admm_jax.data import TokenizedCorpus, eval_batches, get_batch
+from admm_jax.data import TokenizedCorpus, corpus_meta, eval_batches, get_batch
 from admm_jax.lm import make_nll_sum, next_token_loss, perplexity
 from admm_jax.models.llama import LlamaConfig, init_params
 
@@ -251,7 +251,7 @@ def train(model_config: LlamaConfig, corpus: TokenizedCorpus, run_dir: str | os.
             t_last, steps_since = time.perf_counter(), 0
         if done % cfg.checkpoint_every == 0 or done in (cfg.steps, end):
             ckpt.save(done, params, opt_state=opt_state, rng=rng,
-                      meta={"data_position": done, "seed": cfg.seed, "corpus": corpus.name})
+                      meta={"data_position": done, "seed": cfg.seed, **corpus_meta(corpus)})
     bar.close()
     ckpt.wait()
     ckpt.close()

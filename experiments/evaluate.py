@@ -40,22 +40,25 @@ class EvaluateConfig:
 
 
 def load_for_eval(cfg: EvaluateConfig):
-    """``(model_config, params, tokenizer, default corpus name)`` for a checkpoint or a name."""
+    """``(model_config, params, tokenizer, corpus metadata)`` for a checkpoint or a model name.
+
+    The metadata (:func:`admm_jax.data.corpus_meta`) names the corpus and split a checkpoint was
+    trained on; it is empty for pretrained models."""
     if bool(cfg.checkpoint) == bool(cfg.model):
         raise ValueError("give exactly one of --checkpoint DIR or --model NAME "
                          f"(pretrained models: {sorted(PRETRAINED)})")
     if cfg.checkpoint:
         loaded = load_model(cfg.checkpoint)
-        return loaded.config, loaded.params, loaded.tokenizer, loaded.meta.get("corpus")
+        return loaded.config, loaded.params, loaded.tokenizer, loaded.meta
     if cfg.model not in PRETRAINED:
         raise ValueError(f"unknown --model {cfg.model!r}; choose one of {sorted(PRETRAINED)}")
     model = PRETRAINED[cfg.model](cache_dir=cfg.cache_dir or None)
-    return model.config, model.params, model.tokenizer, None
+    return model.config, model.params, model.tokenizer, {}
 
 
 def evaluate(cfg: EvaluateConfig) -> float:
     config: LlamaConfig
-    config, params, tokenizer, trained_on = load_for_eval(cfg)
+    config, params, tokenizer, meta = load_for_eval(cfg)
     seq_len = min(cfg.seq_len, config.max_seq_len)
     if cfg.text:
         path = Path(cfg.text)
@@ -64,8 +67,11 @@ def evaluate(cfg: EvaluateConfig) -> float:
         tokens = encode_text(tokenizer, path.read_text(encoding="utf-8"))
         source = str(path)
     else:
-        corpus = prepare_corpus(cfg.corpus or trained_on or "shakespeare", tokenizer=tokenizer,
-                                cache_dir=cfg.cache_dir or None)
+        same_corpus = not cfg.corpus or cfg.corpus == meta.get("corpus")
+        split = ({"val_fraction": meta["val_fraction"], "seed": meta["split_seed"]}
+                 if same_corpus and "split_seed" in meta else {})
+        corpus = prepare_corpus(cfg.corpus or meta.get("corpus", "shakespeare"),
+                                tokenizer=tokenizer, cache_dir=cfg.cache_dir or None, **split)
         tokens, source = corpus.val, f"{corpus.name} (validation split)"
     if len(tokens) < 2:
         raise ValueError(f"{source} has fewer than 2 tokens; nothing to evaluate")
