@@ -57,8 +57,14 @@ def load_for_eval(cfg: EvaluateConfig):
 
 
 def evaluate(cfg: EvaluateConfig) -> float:
-    config: LlamaConfig
-    config, params, tokenizer, meta = load_for_eval(cfg)
+    """Load the model named by ``cfg`` and return its perplexity (:func:`evaluate_params`)."""
+    return evaluate_params(cfg, *load_for_eval(cfg))
+
+
+def evaluate_params(cfg: EvaluateConfig, config: LlamaConfig, params, tokenizer,
+                    meta: dict) -> float:
+    """Perplexity of ``params`` on ``cfg.text``, or on ``cfg.corpus`` / the corpus in ``meta``
+    (its validation split, rebuilt with the split recorded in ``meta``)."""
     seq_len = min(cfg.seq_len, config.max_seq_len)
     if cfg.text:
         path = Path(cfg.text)

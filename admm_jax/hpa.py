@@ -1,0 +1,314 @@
+"""Homomorphic Parameter Allocation (HPA): deploy one SLR surrogate at any parameter budget.
+
+SALAAD (arXiv 2602.00942, "Homomorphic Parameter Allocation") deploys the compact surrogate
+(:mod:`admm_jax.surrogate`) of a trained model at a memory budget by keeping, in *every*
+constrained block, the same fraction ϕL of singular triplets (largest first) and the same fraction
+ϕS of sparse entries (largest magnitude first); a mixing coefficient κ splits the budget between
+the low-rank and the sparse parts. No per-block sensitivity is estimated.
+
+Parameter-count convention (all counts are exact Python ints)
+-------------------------------------------------------------
+* A rank-``r`` low-rank part of an ``m × n`` block costs ``r·(m + n + 1)`` (``u``, ``v`` and ``s``).
+* A sparse part with ``k`` entries costs ``2·k`` (values + indices; an index counts as one
+  parameter whatever its integer width).
+* Every params leaf that is not a constrained block (not a key of the surrogate: norms, the LM
+  head, unconstrained matrices) counts dense, its ``size``.
+* The dense parameter count is ``D = count_params(params)``; ``O = D − Σ_b m_b·n_b`` is the
+  count outside the constrained blocks.
+
+A deployment keeping ranks ``r'_b`` and sparse counts ``k'_b`` therefore counts
+``O + Σ_b [r'_b·(m_b + n_b + 1) + 2·k'_b]`` (:func:`param_count`; :func:`block_cost` is the one
+place that prices a block).
+
+Allocation (:func:`allocate`)
+-----------------------------
+``budget`` is a fraction of ``D`` in ``(0, 1]``; the target is ``T = floor(budget·D)`` (a product
+within float rounding of an integer counts as that integer: ``budget = N/D`` gives ``N``) and the
+constrained blocks get ``B_c = T − O`` (``budget < O/D`` cannot be represented: ``ValueError``).
+With ``P_L = Σ_b r_b(m_b+n_b+1)`` and ``P_S = Σ_b 2k_b`` the costs of the full surrogate:
+
+1. If ``B_c ≥ P_L + P_S`` everything is kept (ϕL = ϕS = 1) and the reported count is the actual,
+   smaller one ``O + P_L + P_S``.
+2. Otherwise the low-rank share is ``B_L = min(P_L, max(κ·B_c, B_c − P_S))``: ``κ·B_c``, with the
+   excess over either part's full cost flowing to the other part.
+3. ϕL is the largest ratio ``φ ∈ {0} ∪ {j / r_b}`` whose ranks ``floor(φ·r_b)`` cost at most
+   ``B_L``; every block keeps ``floor(ϕL·r_b)`` triplets (so ``0 ≤ ϕL − r'_b/r_b < 1/r_b``).
+4. ``exact=True`` (default): the rest, ``B_c`` minus the exact low-rank cost, buys
+   ``K = min(Σk_b, floor(rest / 2))`` sparse entries, distributed as ``floor(ϕS·k_b)`` with
+   ``ϕS = K / Σk_b`` plus one more for the blocks with the largest remainders ``ϕS·k_b −
+   floor(ϕS·k_b)`` (ties by block order = the params' flatten order), so every block keeps
+   ``floor(ϕS·k_b)`` or ``floor(ϕS·k_b) + 1`` entries and the total is ``T`` or ``T − 1``.
+   If the rest exceeds ``P_S + 1`` (every sparse entry fits with budget to spare), ϕL is rounded
+   *up* instead — to the smallest breakpoint costing at least ``B_L`` — when that still fits in
+   ``B_c``, and the sparse part gives back the difference (less than one step of ϕL). The total
+   can fall short of ``T − 1`` only when even that does not fit (the sparse part is smaller than
+   one step of ϕL, e.g. a surrogate without sparse entries); the shortfall is then less than the
+   cost of the triplets added by the next step of ϕL.
+   ``exact=False`` ("nested"): always round ϕL down; the sparse part gets exactly its share
+   ``B_S = B_c − B_L``, ``ϕS = B_S / P_S`` and every block keeps ``floor(ϕS·k_b)``; the count
+   falls short of ``T`` by the rounding slack (< one step of ϕL + 2·#blocks).
+
+Monotonicity: ϕL, every kept rank, and the total count never decrease when the budget grows (both
+modes). With ``exact=False`` every kept sparse count, hence every kept set, is also nested in
+that of any larger budget. With ``exact=True`` that is impossible for the sparse counts: when a
+slightly larger budget adds triplets (a step of ϕL costs ``Σ (m_b + n_b + 1)`` over the blocks it
+grows, at least 3) while the total stays within ±1 of ``T``, the sparse part must give back half
+that many entries. Its total ``K`` stays within one ϕL step of ``B_S / 2`` (within one step of
+``Σk_b`` once every sparse entry fits), so between any two budgets ``K`` shrinks by at most about
+one ϕL step's cost and each block's count by that share of ``k_b / Σk_b`` plus 2 entries.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from fractions import Fraction
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from admm_jax.surrogate import BlockSurrogate, Surrogate, path_str, reconstruct
+
+
+class Allocation(NamedTuple):
+    """The result of :func:`allocate`.
+
+    Attributes:
+        phi_low_rank: shared fraction of singular triplets kept (``r'_b = floor(ϕL·r_b)``).
+        phi_sparse: shared fraction of sparse entries kept (up to one entry per block).
+        ranks: block path -> kept rank ``r'_b``.
+        n_sparse: block path -> kept sparse count ``k'_b``.
+        params: exact deployed parameter count (module docstring convention).
+        budget: target count ``floor(fraction·dense_params)``.
+        dense_params: ``D = count_params(params)``.
+        fraction: the requested budget as a fraction of ``D``.
+        kappa: the low-rank share κ.
+    """
+
+    phi_low_rank: float
+    phi_sparse: float
+    ranks: dict[str, int]
+    n_sparse: dict[str, int]
+    params: int
+    budget: int
+    dense_params: int
+    fraction: float
+    kappa: float
+
+
+def block_cost(shape: tuple[int, int], rank: int, n_sparse: int) -> int:
+    """Parameters of one block kept at ``rank`` triplets and ``n_sparse`` entries:
+    ``rank·(m + n + 1) + 2·n_sparse``."""
+    m, n = shape
+    return int(rank) * (int(m) + int(n) + 1) + 2 * int(n_sparse)
+
+
+class _Block(NamedTuple):
+    path: str
+    shape: tuple[int, int]
+    rank: int
+    nnz: int
+
+
+def _blocks(surrogate: Surrogate, params: Any) -> tuple[list[_Block], int, int]:
+    """Constrained blocks in the params' flatten order, ``D`` and ``O``; validates paths/shapes."""
+    if not isinstance(surrogate, dict) or not all(
+            isinstance(b, BlockSurrogate) for b in surrogate.values()):
+        raise ValueError("surrogate must be a dict mapping block paths to BlockSurrogate")
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    shapes = {path_str(p): tuple(int(d) for d in x.shape) for p, x in flat}
+    missing = [p for p in surrogate if p not in shapes]
+    if missing:
+        raise ValueError(f"surrogate blocks {missing[:5]} are not leaves of params")
+    blocks = []
+    for path, shape in shapes.items():
+        if path in surrogate:
+            b = surrogate[path]
+            if tuple(b.shape) != shape:
+                raise ValueError(f"surrogate block {path!r} has shape {tuple(b.shape)} but the "
+                                 f"params leaf has shape {shape}")
+            blocks.append(_Block(path, shape, b.rank, b.nnz))
+    dense = int(sum(math.prod(s) for s in shapes.values()))
+    other = dense - sum(b.shape[0] * b.shape[1] for b in blocks)
+    return blocks, dense, other
+
+
+def param_count(params: Any, surrogate: Surrogate, ranks: dict[str, int] | None = None,
+                n_sparse: dict[str, int] | None = None) -> int:
+    """Deployed parameter count with the given kept ranks / sparse counts (default: all kept).
+
+    ``params`` may hold arrays or ``jax.ShapeDtypeStruct`` leaves (only shapes are read)."""
+    blocks, _, other = _blocks(surrogate, params)
+    ranks = ranks or {}
+    n_sparse = n_sparse or {}
+    return other + sum(block_cost(b.shape, ranks.get(b.path, b.rank), n_sparse.get(b.path, b.nnz))
+                       for b in blocks)
+
+
+def minimum_budget(params: Any, surrogate: Surrogate) -> float:
+    """Smallest representable budget fraction ``O / D`` (every constrained block emptied)."""
+    _, dense, other = _blocks(surrogate, params)
+    return other / dense
+
+
+class _RankLadder:
+    """The breakpoints ``φ ∈ {0} ∪ {j / r_b}`` of the shared low-rank ratio and their costs.
+
+    Ranks at ``φ = num/den`` are ``floor(φ·r_b) = (num·r_b) // den`` (exact integers); the cost
+    ``Σ_b floor(φ·r_b)·(m_b + n_b + 1)`` strictly increases from one distinct breakpoint to the
+    next. Breakpoints are sorted in float order and searched by bisection."""
+
+    def __init__(self, ranks: np.ndarray, unit: np.ndarray):
+        self.ranks = ranks.astype(np.int64)
+        self.unit = unit.astype(np.int64)
+        nz = self.ranks[self.ranks > 0]
+        nums = np.concatenate([np.zeros(1, np.int64)]
+                              + [np.arange(1, r + 1, dtype=np.int64) for r in nz])
+        dens = np.concatenate([np.ones(1, np.int64), np.repeat(nz, nz)])
+        order = np.argsort(nums / dens, kind="stable")
+        self.nums, self.dens = nums[order], dens[order]
+
+    def cost(self, i: int) -> int:
+        return int(np.sum((self.nums[i] * self.ranks) // self.dens[i] * self.unit))
+
+    def kept(self, i: int) -> np.ndarray:
+        return (self.nums[i] * self.ranks) // self.dens[i]
+
+    def ratio(self, i: int) -> Fraction:
+        return Fraction(int(self.nums[i]), int(self.dens[i]))
+
+    def floor(self, limit: Fraction | int) -> int:
+        """Index of the largest breakpoint costing at most ``limit`` (``limit >= 0``)."""
+        lo, hi = 0, len(self.nums)  # cost(lo) <= limit < cost(hi); index 0 is φ = 0
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.cost(mid) <= limit:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def ceil(self, limit: Fraction | int) -> int:
+        """Index of the smallest breakpoint costing at least ``limit`` (``limit <= full cost``)."""
+        i = self.floor(limit)
+        return i if self.cost(i) >= limit or i + 1 == len(self.nums) else i + 1
+
+
+def _check_real(name: str, value: Any) -> Fraction:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    return Fraction(float(value))
+
+
+def _target(frac: Fraction, dense: int) -> int:
+    """``floor(budget·D)``, taking ``budget·D`` within float rounding of an integer as that
+    integer (so ``budget = N / D`` gives exactly ``N``)."""
+    x = frac * dense
+    nearest = round(x)
+    return nearest if abs(x - nearest) <= dense * Fraction(2) ** -50 else math.floor(x)
+
+
+def allocate(surrogate: Surrogate, budget: float, kappa: float = 0.5, *, params: Any,
+             exact: bool = True) -> Allocation:
+    """Homomorphic Parameter Allocation of ``surrogate`` at ``budget`` (see module docstring).
+
+    Args:
+        surrogate: block path -> :class:`~admm_jax.surrogate.BlockSurrogate`.
+        budget: deployed size as a fraction of the dense parameter count, in ``(0, 1]``.
+        kappa: share of the constrained blocks' budget given to the low-rank parts, in
+            ``[0, 1]`` (1: as much low rank as possible before any sparse entry; 0: the reverse).
+        params: the model's params (arrays or ``jax.ShapeDtypeStruct``); fixes ``D``, ``O``, the
+            block order and validates the surrogate's paths and shapes.
+        exact: spend the low-rank rounding slack on sparse entries so the count is ``T`` or
+            ``T − 1`` (default); ``False`` keeps every kept set nested across budgets instead.
+
+    Raises:
+        ValueError: ``budget`` outside ``(0, 1]`` or below the smallest representable model
+            ``O / D``; ``kappa`` outside ``[0, 1]``; surrogate/params mismatch.
+    """
+    frac = _check_real("budget", budget)
+    if frac <= 0:
+        raise ValueError(f"budget must be a fraction of the dense parameter count in (0, 1], "
+                         f"got {budget!r}")
+    if frac > 1:
+        raise ValueError(f"budget must be in (0, 1]: {budget!r} is above dense (1.0 = the dense "
+                         "model's parameter count)")
+    kap = _check_real("kappa", kappa)
+    if not 0 <= kap <= 1:
+        raise ValueError(f"kappa must be in [0, 1] (share of the budget for low-rank parts), "
+                         f"got {kappa!r}")
+    blocks, dense, other = _blocks(surrogate, params)
+    target = _target(frac, dense)
+    if target < other:
+        raise ValueError(
+            f"budget {budget!r} ({target} parameters) is below the smallest representable model: "
+            f"the {other} parameters outside the constrained blocks need budget >= "
+            f"{other / dense:.6g} (= {other}/{dense})")
+    b_c = target - other
+    ranks_full = np.array([b.rank for b in blocks], np.int64)
+    nnz_full = np.array([b.nnz for b in blocks], np.int64)
+    unit = np.array([b.shape[0] + b.shape[1] + 1 for b in blocks], np.int64)
+    p_l = int(np.sum(ranks_full * unit))
+    p_s = 2 * int(np.sum(nnz_full))
+    total_k = int(np.sum(nnz_full))
+
+    if b_c >= p_l + p_s:
+        ranks, kept = ranks_full, nnz_full
+        phi_l = phi_s = Fraction(1)
+    else:
+        b_l = min(Fraction(p_l), max(kap * b_c, Fraction(b_c - p_s)))
+        ladder = _RankLadder(ranks_full, unit)
+        i = ladder.floor(b_l)
+        if exact and b_c - ladder.cost(i) > p_s + 1:
+            # every sparse entry fits with budget to spare: round ϕL up instead (step 4)
+            up = ladder.ceil(b_l)
+            if ladder.cost(up) <= b_c:
+                i = up
+        phi_l, ranks = ladder.ratio(i), ladder.kept(i)
+        c_l = ladder.cost(i)
+        if exact:
+            k = min(total_k, (b_c - c_l) // 2)
+            phi_s = Fraction(k, total_k) if total_k else Fraction(1)
+            kept = [k * int(n) // total_k if total_k else 0 for n in nnz_full]
+            rem = [k * int(n) % total_k if total_k else 0 for n in nnz_full]
+            extra = k - sum(kept)
+            for j in sorted(range(len(blocks)), key=lambda j: (-rem[j], j))[:extra]:
+                kept[j] += 1
+            kept = np.array(kept, np.int64)
+        else:
+            phi_s = (Fraction(b_c) - b_l) / p_s if p_s else Fraction(1)
+            kept = np.array([math.floor(phi_s * int(n)) for n in nnz_full], np.int64)
+    rank_d = {b.path: int(r) for b, r in zip(blocks, ranks)}
+    kept_d = {b.path: int(k) for b, k in zip(blocks, kept)}
+    total = other + sum(block_cost(b.shape, rank_d[b.path], kept_d[b.path]) for b in blocks)
+    if total > target:  # impossible by construction (steps 1-4); guard the invariant
+        raise RuntimeError(f"HPA allocated {total} parameters above the budget {target}")
+    return Allocation(float(phi_l), float(phi_s), rank_d, kept_d, int(total), int(target),
+                      int(dense), float(budget), float(kappa))
+
+
+def deploy(params: Any, surrogate: Surrogate, allocation: Allocation) -> Any:
+    """Dense params with every constrained block replaced by its truncated surrogate.
+
+    Block ``b`` becomes ``reconstruct(surrogate[b], allocation.ranks[b],
+    allocation.n_sparse[b])`` (top ``r'_b`` triplets + top ``k'_b`` sparse entries), cast to the
+    leaf's dtype; every other leaf is returned unchanged (the same object). Reconstruction runs
+    in numpy on the host (O(Σ r'_b·m_b·n_b) flops).
+    """
+    if not isinstance(allocation, Allocation):
+        raise ValueError(f"allocation must be an Allocation, got {type(allocation).__name__}")
+    if set(allocation.ranks) != set(surrogate) or set(allocation.n_sparse) != set(surrogate):
+        raise ValueError("allocation and surrogate cover different blocks; allocate this "
+                         "surrogate first")
+    _blocks(surrogate, params)  # validates paths and shapes
+
+    def leaf(path, x):
+        p = path_str(path)
+        if p not in surrogate:
+            return x
+        w = reconstruct(surrogate[p], allocation.ranks[p], allocation.n_sparse[p])
+        return jnp.asarray(w, dtype=x.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, params)

@@ -1,0 +1,102 @@
+"""Deploy a SALAAD checkpoint at a parameter budget (Homomorphic Parameter Allocation); evaluate.
+
+    python -m experiments.deploy --checkpoint runs/salaad-tiny --budget 0.5
+    python -m experiments.deploy --checkpoint runs/salaad-tiny --budget 0.3 --kappa 0.7 \\
+        --text held_out.txt --out runs/salaad-tiny-30pct
+
+Loads the checkpoint's dense model and its surrogate (``<checkpoint>/surrogate/``, see
+:mod:`admm_jax.surrogate`), allocates ``--budget`` (a fraction of the dense parameter count) with
+mixing coefficient ``--kappa`` (:func:`admm_jax.hpa.allocate`), rebuilds the dense weights
+(:func:`admm_jax.hpa.deploy`) and prints ``params: <int>`` — the exact deployed count under the
+convention of :mod:`admm_jax.hpa`. It then evaluates perplexity exactly like
+``python -m experiments.evaluate`` (on ``--text`` or the checkpoint's validation split) and
+prints ``perplexity: <float>`` as its last line. Allocation + reconstruction time goes to stderr.
+
+``--out DIR`` keeps the deployed model as a checkpoint (``python -m experiments.evaluate
+--checkpoint DIR`` evaluates it) whose meta records the corpus split and an ``hpa`` entry (budget,
+kappa, counts, ratios, kept ranks and sparse counts); without it nothing is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import jax
+
+from admm_jax.checkpoint import LoadedModel, load_model, resolve_checkpoint_dir, save_model
+from admm_jax.hpa import Allocation, allocate, deploy
+from admm_jax.surrogate import load_surrogate
+from experiments.cli import parse_config
+from experiments.evaluate import EvaluateConfig, evaluate_params
+
+#: Checkpoint meta fields that identify the training corpus split (admm_jax.data.corpus_meta).
+_CORPUS_KEYS = ("corpus", "val_fraction", "split_seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeployConfig:
+    """HPA deployment of ``--checkpoint DIR`` at ``--budget FRACTION`` of its dense size."""
+
+    checkpoint: str = ""
+    budget: float = 0.0
+    kappa: float = 0.5
+    exact: bool = True
+    text: str = ""
+    corpus: str = ""
+    seq_len: int = 256
+    batch_size: int = 8
+    max_batches: int = 0
+    cache_dir: str = ""
+    out: str = ""
+
+
+def deploy_checkpoint(cfg: DeployConfig) -> tuple[LoadedModel, Allocation, dict]:
+    """``(loaded dense model, allocation, deployed params)`` for ``cfg``."""
+    if not cfg.checkpoint:
+        raise ValueError("--checkpoint DIR is required (a checkpoint with a surrogate/)")
+    loaded = load_model(cfg.checkpoint)
+    surrogate = load_surrogate(cfg.checkpoint)
+    t0 = time.perf_counter()
+    allocation = allocate(surrogate, cfg.budget, cfg.kappa, params=loaded.params,
+                          exact=cfg.exact)
+    params = jax.block_until_ready(deploy(loaded.params, surrogate, allocation))
+    print(f"deployed {allocation.params:,} / {allocation.dense_params:,} params (target "
+          f"{allocation.budget:,}; phi_low_rank {allocation.phi_low_rank:.4f}, phi_sparse "
+          f"{allocation.phi_sparse:.4f}) in {time.perf_counter() - t0:.3f}s", file=sys.stderr)
+    return loaded, allocation, params
+
+
+def hpa_meta(cfg: DeployConfig, loaded: LoadedModel, allocation: Allocation) -> dict:
+    """Checkpoint meta of a deployed model: the source's corpus split plus an ``hpa`` record."""
+    meta = {k: loaded.meta[k] for k in _CORPUS_KEYS if k in loaded.meta}
+    meta["hpa"] = {
+        "source": str(resolve_checkpoint_dir(cfg.checkpoint)), "source_step": loaded.step,
+        "budget": cfg.budget, "kappa": cfg.kappa, "exact": cfg.exact,
+        "params": allocation.params, "budget_params": allocation.budget,
+        "dense_params": allocation.dense_params, "phi_low_rank": allocation.phi_low_rank,
+        "phi_sparse": allocation.phi_sparse, "ranks": allocation.ranks,
+        "n_sparse": allocation.n_sparse}
+    return meta
+
+
+def main(argv: list[str] | None = None) -> float:
+    cfg = parse_config(DeployConfig, argv)
+    loaded, allocation, params = deploy_checkpoint(cfg)
+    print(f"params: {allocation.params}")
+    meta = hpa_meta(cfg, loaded, allocation)
+    if cfg.out:
+        save_model(cfg.out, params, model_config=loaded.config, tokenizer=loaded.tokenizer,
+                   step=loaded.step, meta=meta)
+    ppl = evaluate_params(
+        EvaluateConfig(text=cfg.text, corpus=cfg.corpus, seq_len=cfg.seq_len,
+                       batch_size=cfg.batch_size, max_batches=cfg.max_batches,
+                       cache_dir=cfg.cache_dir),
+        loaded.config, params, loaded.tokenizer, meta)
+    print(f"perplexity: {ppl:.4f}")
+    return ppl
+
+
+if __name__ == "__main__":
+    main()
