@@ -1,3 +1,44 @@
-"""admm_jax: ADMM-family methods for structured LLM weights as composable optax transformations."""
+"""admm_jax: ADMM-family methods for structured LLM weights as composable optax transformations.
+
+The public API, by concept:
+
+* ADMM core: :func:`admm`, :class:`Split`, :func:`admm_metrics`, :func:`tanh_ramp`
+* SALAAD: :func:`slr_admm`, :func:`slr_split`, :class:`ControllerConfig`, :func:`i_controller`,
+  :func:`allocate` / :func:`deploy` (HPA), surrogates (:func:`block_surrogate`, ...)
+* proximal operators: :func:`soft_threshold`, :func:`svt`, :func:`svt_subspace`, ...
+* robust PCA: :func:`rpca`
+* models, data, training and checkpoints: :mod:`admm_jax.models`, :mod:`admm_jax.data`,
+  :mod:`admm_jax.train`, :mod:`admm_jax.checkpoint`
+"""
+
+from admm_jax.admm import ADMMState, BlockState, Split, admm, admm_metrics, tanh_ramp
+from admm_jax.controller import ControllerConfig, i_controller
+from admm_jax.hpa import Allocation, allocate, deploy
+from admm_jax.prox import (
+    LowRank,
+    density,
+    effective_rank,
+    hard_rank_truncation,
+    soft_threshold,
+    svt,
+    svt_subspace,
+)
+from admm_jax.rpca import RPCAResult, rpca
+from admm_jax.slr import SLRState, slr_admm, slr_components, slr_split
+from admm_jax.surrogate import (
+    BlockSurrogate,
+    block_surrogate,
+    load_surrogate,
+    reconstruct,
+    save_surrogate,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ADMMState", "Allocation", "BlockState", "BlockSurrogate", "ControllerConfig", "LowRank",
+    "RPCAResult", "SLRState", "Split", "admm", "admm_metrics", "allocate", "block_surrogate",
+    "density", "deploy", "effective_rank", "hard_rank_truncation", "i_controller",
+    "load_surrogate", "reconstruct", "rpca", "save_surrogate", "slr_admm", "slr_components",
+    "slr_split", "soft_threshold", "svt", "svt_subspace", "tanh_ramp",
+]

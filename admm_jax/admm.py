@@ -181,7 +181,9 @@ def admm(split: Split, rho: float | Callable[[str, tuple[int, ...]], float], *,
         def init_block(path, x, keep):
             if not keep:
                 return optax.MaskedNode()
-            z, split_state = split.init(x)
+            # fresh buffers: the state must not alias params (train steps donate both)
+            z, split_state = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True),
+                                                    split.init(x))
             curvature = None if curvature_decay is None else jnp.zeros_like(x)
             return BlockState(z=z, u=jnp.zeros_like(x),
                               rho=base_rho(path_str(path), x.shape) * schedule(0),

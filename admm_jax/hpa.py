@@ -69,7 +69,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from admm_jax.surrogate import BlockSurrogate, Surrogate, path_str, reconstruct
+from admm_jax.surrogate import BlockSurrogate, Surrogate, reconstruct
+from admm_jax.tree import path_str
 
 
 class Allocation(NamedTuple):

@@ -121,6 +121,28 @@ def test_slr_in_chain_on_llama_runs_and_reports_metrics():
     assert set(comps) == {k.rsplit("/", 1)[0] for k in metrics if k.endswith("/alpha")}
 
 
+def test_slr_in_training_loop_with_donation(tmp_path):
+    """The train step donates params and optimizer state: the SALAAD state must not alias them."""
+    from admm_jax.data import prepare_corpus
+    from admm_jax.train import TrainConfig, train
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    rng = np.random.default_rng(0)
+    words = "to be or not that is the question whether tis nobler in mind".split()
+    for d in range(4):
+        (texts / f"d{d}.txt").write_text(" ".join(rng.choice(words, 3000)))
+    corpus = prepare_corpus(texts, vocab_size=300, cache_dir=tmp_path / "cache")
+    cfg = TrainConfig(steps=4, batch_size=4, seq_len=32, log_every=2, eval_every=4,
+                      eval_batches=1, checkpoint_every=4)
+    tx = optax.chain(slr_admm(rho=1e-3), optax.adamw(1e-3))
+    result = train(LlamaConfig.preset("nano"), corpus, tmp_path / "run", cfg, tx,
+                   state_metrics=lambda s: admm_metrics(s, slr_metrics, per_block=False),
+                   progress=False)
+    assert "admm/rank_ratio_mean" in result.history[-1]
+    assert np.isfinite(result.history[-1]["loss"])
+
+
 def test_bad_split_arguments():
     with pytest.raises(ValueError, match="order"):
         slr_split(order="both")
