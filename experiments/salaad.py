@@ -60,39 +60,43 @@ class SalaadConfig:
     corpus: str = "shakespeare"
     runs_root: str = "runs"
     results: str = "results/salaad.md"
-    rho: float = 1e-3
+    rho: float = 0.1
     embed_rho_ratio: float = 0.3
     interval: int = 2
     svd: str = "subspace"
     rank_cap_ratio: float = 0.5
+    coupling: str = "decoupled"
     target_rank_ratio: float = 0.15
     target_density: float = 0.05
-    alpha_step: float = 0.2
-    beta_step: float = 0.002
+    alpha_step: float = 0.003
+    beta_step: float = 0.0003
     budgets: str = "0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"
     kappa: float = 0.5
     rpca_max_iter: int = 100
     rpca_tol: float = 1e-5
     eval_batches: int = 0
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
-        steps=800, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=50, eval_every=200,
+        steps=600, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=50, eval_every=200,
         eval_batches=8, checkpoint_every=200))
 
 
 def salaad_optimizer(cfg: SalaadConfig) -> optax.GradientTransformation:
-    """``clip → slr_admm → adamw``; the embedding gets ``embed_rho_ratio · ρ`` (official ratio
-    3e-7 / 1e-6 ≈ 0.3)."""
+    """``clip → slr_admm → adamw`` (``clip → adamw → slr_admm`` with decoupled coupling, where
+    ``ρ`` is the fraction of ``X − Z + U`` removed per step); the embedding gets
+    ``embed_rho_ratio · ρ`` (official ratio 3e-7 / 1e-6 ≈ 0.3)."""
     controller = ControllerConfig(cfg.target_rank_ratio, cfg.target_density, cfg.alpha_step,
                                   cfg.beta_step)
 
     def rho(path: str, shape) -> float:
         return cfg.rho * (cfg.embed_rho_ratio if path.startswith("embed") else 1.0)
 
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.train.grad_clip),
-        slr_admm(rho, interval=cfg.interval, controller=controller, svd=cfg.svd,
-                 rank_cap_ratio=cfg.rank_cap_ratio, halt_on_nonfinite=True),
-        adamw(cfg.train))
+    induce = slr_admm(rho, interval=cfg.interval, controller=controller, svd=cfg.svd,
+                      rank_cap_ratio=cfg.rank_cap_ratio, coupling=cfg.coupling,
+                      halt_on_nonfinite=True)
+    clip = optax.clip_by_global_norm(cfg.train.grad_clip)
+    if cfg.coupling == "decoupled":  # pull after the base optimizer, like decoupled decay
+        return optax.chain(clip, adamw(cfg.train), induce)
+    return optax.chain(clip, induce, adamw(cfg.train))
 
 
 def rpca_surrogate(params, cfg: SalaadConfig) -> Surrogate:
