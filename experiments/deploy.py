@@ -36,26 +36,21 @@ _CORPUS_KEYS = ("corpus", "val_fraction", "split_seed")
 
 
 @dataclasses.dataclass(frozen=True)
-class DeployConfig:
-    """HPA deployment of ``--checkpoint DIR`` at ``--budget FRACTION`` of its dense size."""
+class DeployConfig(EvaluateConfig):
+    """HPA deployment of ``--checkpoint DIR`` at ``--budget FRACTION`` of its dense size; the
+    evaluation fields are those of :class:`experiments.evaluate.EvaluateConfig`."""
 
-    checkpoint: str = ""
     budget: float = 0.0
     kappa: float = 0.5
     exact: bool = True
-    text: str = ""
-    corpus: str = ""
-    seq_len: int = 256
-    batch_size: int = 8
-    max_batches: int = 0
-    cache_dir: str = ""
     out: str = ""
 
 
 def deploy_checkpoint(cfg: DeployConfig) -> tuple[LoadedModel, Allocation, dict]:
     """``(loaded dense model, allocation, deployed params)`` for ``cfg``."""
-    if not cfg.checkpoint:
-        raise ValueError("--checkpoint DIR is required (a checkpoint with a surrogate/)")
+    if not cfg.checkpoint or cfg.model:
+        raise ValueError("deploy needs --checkpoint DIR (a checkpoint with a surrogate/), "
+                         "not --model")
     loaded = load_model(cfg.checkpoint)
     surrogate = load_surrogate(cfg.checkpoint)
     t0 = time.perf_counter()
@@ -89,11 +84,7 @@ def main(argv: list[str] | None = None) -> float:
     if cfg.out:
         save_model(cfg.out, params, model_config=loaded.config, tokenizer=loaded.tokenizer,
                    step=loaded.step, meta=meta)
-    ppl = evaluate_params(
-        EvaluateConfig(text=cfg.text, corpus=cfg.corpus, seq_len=cfg.seq_len,
-                       batch_size=cfg.batch_size, max_batches=cfg.max_batches,
-                       cache_dir=cfg.cache_dir),
-        loaded.config, params, loaded.tokenizer, meta)
+    ppl = evaluate_params(cfg, loaded.config, params, loaded.tokenizer, meta)
     print(f"perplexity: {ppl:.4f}")
     return ppl
 
