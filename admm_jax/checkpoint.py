@@ -59,7 +59,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     """The checkpoint directory at ``path`` or at ``path/checkpoints`` (a run directory)."""
-    p = Path(path)
+    p = Path(path).absolute()  # orbax needs absolute paths
     for candidate in (p, p / "checkpoints"):
         if (candidate / MODEL_FILE).is_file():
             return candidate

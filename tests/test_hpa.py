@@ -271,6 +271,15 @@ def test_interrupted_and_repeated_saves(model, checkpoint, tmp_path):
     assert [p.name for p in other.iterdir() if "surrogate" in p.name] == [SURROGATE_DIR]
 
 
+def test_relative_checkpoint_paths(model, checkpoint, tmp_path, monkeypatch):
+    _, params, surrogate = model
+    monkeypatch.chdir(tmp_path)
+    save_model("rel", params, model_config=NANO, tokenizer=checkpoint[2])
+    save_surrogate("rel", surrogate)
+    assert set(load_surrogate("rel")) == set(surrogate)
+    assert load_model("rel").step == 0
+
+
 def test_bad_inputs(model, checkpoint, tmp_path):
     from experiments.deploy import main
 
