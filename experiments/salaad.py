@@ -18,6 +18,7 @@ Writes ``runs/<name>/`` (both runs, ``blocks.png``, ``budget.png``, ``summary.md
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -276,8 +277,10 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "summary.md").write_text(summary)
     results_path = Path(cfg.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(summary.replace("](budget.png)", f"]({out}/budget.png)").replace(
-        "](blocks.png)", f"]({out}/blocks.png)"))
+    for plot in ("budget", "blocks"):  # results/ is committed; runs/ is not
+        shutil.copy(out / f"{plot}.png", results_path.with_name(f"{results_path.stem}_{plot}.png"))
+        summary = summary.replace(f"]({plot}.png)", f"]({results_path.stem}_{plot}.png)")
+    results_path.write_text(summary)
     print(table)
     print(f"wrote {out}/summary.md and {results_path}", file=sys.stderr)
     return result
