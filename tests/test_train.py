@@ -180,10 +180,15 @@ def test_sigkill_during_save_keeps_previous_checkpoint(corpus, tmp_path):
             ckpt.save(step, params)
             print(step, flush=True)
     """)
-    for i, delay in enumerate((4.0, 6.5, 9.0)):
+    for i, delay in enumerate((0.0, 0.4, 1.1)):
         directory = tmp_path / f"ck{i}"
         proc = subprocess.Popen([sys.executable, "-c", script, str(directory)],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        # a save starts only after the previous one committed: once step 2 has been handed to
+        # orbax, step 1 is on disk and step 2 (or 3) is being written when the kill lands
+        assert proc.stdout is not None
+        while proc.stdout.readline().strip() != "2":
+            assert proc.poll() is None, "the saving process died before its second save"
         time.sleep(delay)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
