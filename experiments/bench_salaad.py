@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -31,6 +29,7 @@ from admm_jax.models.llama import LlamaConfig, init_params
 from admm_jax.slr import slr_admm
 from admm_jax.train import TrainConfig, adamw, make_train_step
 from experiments.cli import parse_config
+from experiments.timing import interleaved_medians
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,17 +45,6 @@ class BenchSalaadConfig:
     rounds: int = 3
     rank_cap_ratio: float = 0.25
     prox_rounds: int = 5
-
-
-def interleaved_medians(fns: dict, rounds: int) -> dict[str, float]:
-    """Median seconds of each ``fn()`` (blocking), contenders alternating within each round."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bench_steps(cfg: BenchSalaadConfig) -> dict:

@@ -12,9 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -31,6 +29,7 @@ from admm_jax.models.llama import (
 from admm_jax.models.pretrained import load_smollm2
 from admm_jax.train import TrainConfig, default_optimizer, make_train_step
 from experiments.cli import parse_config
+from experiments.timing import interleaved_medians
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,18 +43,6 @@ class BenchTrainConfig:
     smollm2_seq_len: int = 256
     repeats: int = 10
     warmup: int = 2
-
-
-def time_calls(fn, repeats: int, warmup: int) -> float:
-    """Median wall seconds of ``fn()`` (which must return something blockable)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench_tiny_train_step(cfg: BenchTrainConfig) -> dict:
@@ -72,7 +59,7 @@ def bench_tiny_train_step(cfg: BenchTrainConfig) -> dict:
         state["params"], state["opt_state"], m = step(state["params"], state["opt_state"], batch)
         return m["loss"]
 
-    seconds = time_calls(run, cfg.repeats, cfg.warmup)
+    seconds = interleaved_medians({"step": run}, cfg.repeats, cfg.warmup)["step"]
     return {"params": count_params(params), "batch_size": cfg.batch_size,
             "seq_len": cfg.seq_len, "step_seconds": seconds,
             "tokens_per_s": cfg.batch_size * cfg.seq_len / seconds}
@@ -84,7 +71,8 @@ def bench_smollm2_forward(cfg: BenchTrainConfig) -> dict:
     fwd = jax.jit(lambda p, t: forward(graphdef, p, t))
     tokens = jnp.asarray(np.random.default_rng(0).integers(
         0, model.config.vocab_size, (cfg.smollm2_batch, cfg.smollm2_seq_len)), jnp.int32)
-    seconds = time_calls(lambda: fwd(model.params, tokens), cfg.repeats, cfg.warmup)
+    seconds = interleaved_medians({"forward": lambda: fwd(model.params, tokens)}, cfg.repeats,
+                                  cfg.warmup)["forward"]
     return {"params": count_params(model.params), "batch_size": cfg.smollm2_batch,
             "seq_len": cfg.smollm2_seq_len, "forward_seconds": seconds,
             "tokens_per_s": cfg.smollm2_batch * cfg.smollm2_seq_len / seconds}
