@@ -20,7 +20,7 @@ class DemoConfig:
     steps: int = 300
     batch_size: int = 16
     seq_len: int = 128
-    budgets: str = "0.4,0.6,0.8,1.0"
+    budgets: str = "0.35,0.4,0.6,1.0"
     runs_root: str = "runs"
     corpus: str = "shakespeare"
 
