@@ -5,6 +5,8 @@ The public API, by concept:
 * ADMM core: :func:`admm`, :class:`Split`, :func:`admm_metrics`, :func:`tanh_ramp`
 * SALAAD: :func:`slr_admm`, :func:`slr_split`, :class:`ControllerConfig`, :func:`i_controller`,
   :func:`allocate` / :func:`deploy` (HPA), surrogates (:func:`block_surrogate`, ...)
+* ELSA (partial): :func:`elsa`, :func:`sparsity_split`, :func:`finalize`; projections in
+  :mod:`admm_jax.projection`
 * proximal operators: :func:`soft_threshold`, :func:`svt`, :func:`svt_subspace`, ...
 * robust PCA: :func:`rpca`
 * models, data, training and checkpoints: :mod:`admm_jax.models`, :mod:`admm_jax.data`,
@@ -13,6 +15,7 @@ The public API, by concept:
 
 from admm_jax.admm import ADMMState, BlockState, Split, admm, admm_metrics, tanh_ramp
 from admm_jax.controller import ControllerConfig, i_controller
+from admm_jax.elsa import elsa, finalize, sparsity_split
 from admm_jax.hpa import Allocation, allocate, deploy
 from admm_jax.prox import (
     LowRank,
@@ -36,9 +39,36 @@ from admm_jax.surrogate import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "ADMMState", "Allocation", "BlockState", "BlockSurrogate", "ControllerConfig", "LowRank",
-    "RPCAResult", "SLRState", "Split", "admm", "admm_metrics", "allocate", "block_surrogate",
-    "density", "deploy", "effective_rank", "hard_rank_truncation", "i_controller",
-    "load_surrogate", "reconstruct", "rpca", "save_surrogate", "slr_admm", "slr_components",
-    "slr_split", "soft_threshold", "svt", "svt_subspace", "tanh_ramp",
+    "ADMMState",
+    "Allocation",
+    "BlockState",
+    "BlockSurrogate",
+    "ControllerConfig",
+    "LowRank",
+    "RPCAResult",
+    "SLRState",
+    "Split",
+    "admm",
+    "admm_metrics",
+    "allocate",
+    "block_surrogate",
+    "density",
+    "deploy",
+    "effective_rank",
+    "elsa",
+    "finalize",
+    "hard_rank_truncation",
+    "i_controller",
+    "load_surrogate",
+    "reconstruct",
+    "rpca",
+    "save_surrogate",
+    "slr_admm",
+    "slr_components",
+    "slr_split",
+    "soft_threshold",
+    "sparsity_split",
+    "svt",
+    "svt_subspace",
+    "tanh_ramp",
 ]
