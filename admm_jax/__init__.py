@@ -13,9 +13,17 @@ The public API, by concept:
   :mod:`admm_jax.train`, :mod:`admm_jax.checkpoint`
 """
 
-from admm_jax.admm import ADMMState, BlockState, Split, admm, admm_metrics, tanh_ramp
+from admm_jax.admm import (
+    ADMMState,
+    BlockState,
+    Split,
+    admm,
+    admm_metrics,
+    rho_ramp,
+    tanh_ramp,
+)
 from admm_jax.controller import ControllerConfig, i_controller
-from admm_jax.elsa import elsa, finalize, sparsity_split
+from admm_jax.elsa import elsa, finalize, masked_updates, sparsity_split
 from admm_jax.hpa import Allocation, allocate, deploy
 from admm_jax.prox import (
     LowRank,
@@ -60,7 +68,9 @@ __all__ = [
     "hard_rank_truncation",
     "i_controller",
     "load_surrogate",
+    "masked_updates",
     "reconstruct",
+    "rho_ramp",
     "rpca",
     "save_surrogate",
     "slr_admm",

@@ -88,11 +88,39 @@ class ADMMState(NamedTuple):
     nonfinite: Array  # int32, constrained blocks with NaN/inf in X, Z or U at the last stage 2
 
 
-def tanh_ramp(steps: int, factor: float = 10.0) -> Callable[[Array], Array]:
-    """ρ multiplier ``1 + (factor − 1)·tanh(t / steps)``: from 1 up to ``factor``."""
+def rho_ramp(kind: str, steps: int, factor: float) -> Callable[[Array], Array]:
+    """ρ multiplier ``t -> m(t)`` from 1 at ``t = 0`` toward ``factor``, for ``rho_schedule``.
+
+    ``p = min(t / steps, 1)``; ``"constant"``: 1; ``"linear"``: ``1 + (factor − 1)·p``;
+    ``"cosine"``: ``1 + (factor − 1)·(1 − cos(πp))/2``; ``"exponential"``: ``factor^p``;
+    ``"tanh"``: ``1 + (factor − 1)·tanh(t / steps)`` (SALAAD's ramp, approaches ``factor``).
+    These are ELSA's λ schedules (constant / linear / cosine / exponential) and SALAAD's tanh ramp.
+    """
+    kinds = ("constant", "linear", "cosine", "exponential", "tanh")
+    if kind not in kinds:
+        raise ValueError(f"rho ramp kind must be one of {kinds}, got {kind!r}")
     if steps <= 0 or factor <= 0:
-        raise ValueError(f"tanh_ramp needs steps > 0 and factor > 0, got {steps}, {factor}")
-    return lambda t: 1.0 + (factor - 1.0) * jnp.tanh(jnp.asarray(t, jnp.float32) / steps)
+        raise ValueError(f"rho ramp needs steps > 0 and factor > 0, got {steps}, {factor}")
+
+    def multiplier(t):
+        t = jnp.asarray(t, jnp.float32)
+        p = jnp.minimum(t / steps, 1.0)
+        if kind == "constant":
+            return jnp.ones_like(t)
+        if kind == "linear":
+            return 1.0 + (factor - 1.0) * p
+        if kind == "cosine":
+            return 1.0 + (factor - 1.0) * 0.5 * (1.0 - jnp.cos(jnp.pi * p))
+        if kind == "exponential":
+            return jnp.asarray(factor, jnp.float32) ** p
+        return 1.0 + (factor - 1.0) * jnp.tanh(t / steps)
+
+    return multiplier
+
+
+def tanh_ramp(steps: int, factor: float = 10.0) -> Callable[[Array], Array]:
+    """SALAAD's ρ ramp ``1 + (factor − 1)·tanh(t / steps)``: ``rho_ramp("tanh", …)``."""
+    return rho_ramp("tanh", steps, factor)
 
 
 def _is_block(x) -> bool:

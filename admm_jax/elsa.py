@@ -6,9 +6,12 @@ dimension); its prox is the hard projection that keeps the k entries with the la
 estimate, ELSA's objective-aware projection). :func:`elsa` is :func:`admm_jax.admm.admm` with this
 split; :func:`finalize` applies the final hard projection and returns the masks.
 
+λ schedules (constant, linear, cosine, exponential) are :func:`admm_jax.admm.rho_ramp` passed
+as ``rho_schedule``; :func:`masked_updates` keeps the final mask fixed during fine-tuning.
+
 Not yet here (see the ELSA issue): global sparsity across tensors in the transform (the
-projection exists: :func:`admm_jax.projection.global_topk_masks`), λ schedules other than the
-core's ``rho_schedule``, low-precision (bf16/fp8) storage of Z and U, and the one-shot baselines.
+projection exists: :func:`admm_jax.projection.global_topk_masks`), low-precision (bf16/fp8)
+storage of Z and U, and the one-shot baselines.
 """
 
 from __future__ import annotations
@@ -132,3 +135,25 @@ def finalize(params, opt_state, sparsity: float, structure: str = "unstructured"
         return x * masks[path_str(path)]
 
     return jax.tree_util.tree_map_with_path(apply, params), masks
+
+
+def masked_updates(masks: dict[str, Array]) -> optax.GradientTransformation:
+    """Keep a fixed sparsity pattern during fine-tuning: zero the updates of pruned entries.
+
+    Put it last in the chain (after the base optimizer, so weight decay cannot revive pruned
+    entries either)::
+
+        final, masks = finalize(params, opt_state, 0.9)
+        tx = optax.chain(optax.adamw(1e-4), masked_updates(masks))
+    """
+
+    def update_fn(updates, state, params=None):
+        del params
+
+        def apply(path, u):
+            mask = masks.get(path_str(path))
+            return u if mask is None else u * mask
+
+        return jax.tree_util.tree_map_with_path(apply, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from admm_jax.admm import admm_metrics
-from admm_jax.elsa import elsa, finalize, sparsity_metrics, sparsity_split
+from admm_jax.admm import admm_metrics, rho_ramp
+from admm_jax.elsa import elsa, finalize, masked_updates, sparsity_metrics, sparsity_split
 from admm_jax.projection import topk_mask
 
 
@@ -65,6 +65,29 @@ def test_two_four_structure_and_exact_finalize():
     groups = np.asarray(masks["w"]).reshape(16, 4, 8)
     assert (groups.sum(axis=1) == 2).all()
     assert float(jnp.mean(final["w"] == 0)) == pytest.approx(0.5)
+
+
+def test_fine_tuning_keeps_the_final_mask_and_schedules():
+    a, y, w_true = planted_problem(seed=2)
+    sparsity = 1 - np.mean(w_true != 0)
+    ramp = rho_ramp("cosine", 200, 4.0)
+    tx = optax.chain(elsa(sparsity, rho=0.5, interval=5, mask={"w": True}, rho_schedule=ramp),
+                     optax.sgd(0.05))
+    params, state = fit(tx, a, y, 200)
+    final, masks = finalize(params, state, sparsity)
+    tuner = optax.chain(optax.adamw(1e-2, weight_decay=0.1), masked_updates(masks))
+    opt = tuner.init(final)
+    for _ in range(20):
+        grads = jax.grad(lambda p: jnp.sum((a @ p["w"] - y) ** 2))(final)
+        updates, opt = tuner.update(grads, opt, final)
+        final = optax.apply_updates(final, updates)
+    np.testing.assert_array_equal(np.asarray(final["w"] != 0), np.asarray(masks["w"]))
+    assert float(ramp(0)) == 1.0 and float(ramp(100)) == pytest.approx(2.5)
+    assert float(ramp(500)) == pytest.approx(4.0)
+    lin, exp_ = rho_ramp("linear", 10, 3.0), rho_ramp("exponential", 10, 4.0)
+    assert float(lin(5)) == pytest.approx(2.0) and float(exp_(5)) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="kind"):
+        rho_ramp("step", 10, 2.0)
 
 
 def test_bad_arguments():
