@@ -19,8 +19,6 @@ Writes JSON.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +26,8 @@ import numpy as np
 
 from admm_jax.models.llama import LlamaConfig, abstract_params, count_params
 from admm_jax.projection import global_topk_masks, keep_count
+from experiments.benchmarking import interleaved_medians, report
 from experiments.cli import parse_config
-from experiments.timing import interleaved_medians
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,11 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         "temp_memory_ratio_sort_over_bisection": (memory["sort"] / memory["bisection"]
                                                   if memory["bisection"] > 0 else None),
         "input_bytes": int(sum(np.prod(s) for s in shapes) * 4)}
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return report(result, cfg.out)
 
 
 if __name__ == "__main__":

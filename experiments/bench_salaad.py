@@ -15,9 +15,7 @@ affects both alike; every function is jitted and warmed up first.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +26,8 @@ from admm_jax import prox
 from admm_jax.models.llama import LlamaConfig, init_params
 from admm_jax.slr import slr_admm
 from admm_jax.train import TrainConfig, adamw, make_train_step
+from experiments.benchmarking import interleaved_medians, report
 from experiments.cli import parse_config
-from experiments.timing import interleaved_medians
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,11 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
               "jax": jax.__version__, "train_step": bench_steps(cfg),
               "prox": [bench_prox(cfg, 1024, 1024), bench_prox(cfg, 2048, 512)]}
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return report(result, cfg.out)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,7 @@ step time against these numbers measured the same way. Writes JSON.
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +25,8 @@ from admm_jax.models.llama import (
 )
 from admm_jax.models.pretrained import load_smollm2
 from admm_jax.train import TrainConfig, default_optimizer, make_train_step
+from experiments.benchmarking import interleaved_medians, report
 from experiments.cli import parse_config
-from experiments.timing import interleaved_medians
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,12 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tiny_train_step": bench_tiny_train_step(cfg),
         "smollm2_forward": bench_smollm2_forward(cfg),
     }
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"wrote {out}", file=sys.stderr)
-    return result
+    return report(result, cfg.out)
 
 
 if __name__ == "__main__":

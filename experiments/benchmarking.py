@@ -1,12 +1,16 @@
-"""Wall-clock timing for benchmarks: medians over rounds, contenders interleaved."""
+"""Benchmark helpers: interleaved wall-clock medians and the JSON report."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
+
+from experiments.runs import write_json
 
 
 def interleaved_medians(fns: dict[str, Callable], rounds: int,
@@ -23,3 +27,12 @@ def interleaved_medians(fns: dict[str, Callable], rounds: int,
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def report(result: dict, out: str | Path) -> dict:
+    """Write ``result`` as JSON to ``out`` (parents created) and print it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, result)
+    print(json.dumps(result, indent=2))
+    return result
