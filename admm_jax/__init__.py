@@ -5,8 +5,9 @@ The public API, by concept:
 * ADMM core: :func:`admm`, :class:`Split`, :func:`admm_metrics`, :func:`tanh_ramp`
 * SALAAD: :func:`slr_admm`, :func:`slr_split`, :class:`ControllerConfig`, :func:`i_controller`,
   :func:`allocate` / :func:`deploy` (HPA), surrogates (:func:`block_surrogate`, ...)
-* ELSA (partial): :func:`elsa`, :func:`sparsity_split`, :func:`finalize`; projections in
-  :mod:`admm_jax.projection`
+* ELSA: :func:`elsa`, :func:`sparsity_split`, :func:`finalize`, :func:`masked_updates`;
+  projections in :mod:`admm_jax.projection`; ELSA-L storage :class:`StateStorage`,
+  :func:`state_memory`
 * proximal operators: :func:`soft_threshold`, :func:`svt`, :func:`svt_subspace`, ...
 * robust PCA: :func:`rpca`
 * models, data, training and checkpoints: :mod:`admm_jax.models`, :mod:`admm_jax.data`,
@@ -20,6 +21,7 @@ from admm_jax.admm import (
     admm,
     admm_metrics,
     rho_ramp,
+    state_memory,
     tanh_ramp,
 )
 from admm_jax.controller import ControllerConfig, i_controller
@@ -36,6 +38,7 @@ from admm_jax.prox import (
 )
 from admm_jax.rpca import RPCAResult, rpca
 from admm_jax.slr import SLRState, slr_admm, slr_components, slr_split
+from admm_jax.storage import StateStorage
 from admm_jax.surrogate import (
     BlockSurrogate,
     block_surrogate,
@@ -56,6 +59,7 @@ __all__ = [
     "RPCAResult",
     "SLRState",
     "Split",
+    "StateStorage",
     "admm",
     "admm_metrics",
     "allocate",
@@ -78,6 +82,7 @@ __all__ = [
     "slr_split",
     "soft_threshold",
     "sparsity_split",
+    "state_memory",
     "svt",
     "svt_subspace",
     "tanh_ramp",

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from admm_jax.storage import StateStorage, Stored, nbytes
 from admm_jax.tree import SelectionSpec, path_str, select
 
 Array = jax.Array
@@ -63,18 +64,23 @@ class Split(NamedTuple):
             ``V = X + U``; ``curvature`` is the per-entry EMA of squared gradients when the
             transform keeps one (``curvature_decay``), else ``None``.
         metrics: ``split_state -> {name: scalar}`` per-block diagnostics.
+        joint_prox: optional prox over *all* constrained blocks at once, for constraint sets
+            that couple blocks (e.g. a global sparsity budget): ``(vs, split_states, rhos,
+            curvatures) -> (zs, split_states)`` on lists in pytree-flatten order. Used instead
+            of ``prox`` when set.
     """
 
     init: Callable[[Array], tuple[Array, Any]]
     prox: Callable[[Array, Any, Array, Array | None], tuple[Array, Any]]
     metrics: Callable[[Any], dict[str, Array]]
+    joint_prox: Callable[[list, list, list, list], tuple[list, list]] | None = None
 
 
 class BlockState(NamedTuple):
     """ADMM state of one constrained block."""
 
-    z: Array  # auxiliary variable Z ∈ C
-    u: Array  # scaled dual U = Y/ρ
+    z: Array | Stored  # auxiliary variable Z ∈ C (stored form, see ``state_storage``)
+    u: Array | Stored  # scaled dual U = Y/ρ (stored form)
     rho: Array  # ρ in effect (f32 scalar)
     balance: Array  # residual-balancing multiplier of ρ
     residual: Array  # ‖X − Z‖_F / ‖X‖_F at the last stage 2
@@ -147,6 +153,7 @@ def admm(split: Split, rho: float | Callable[[str, tuple[int, ...]], float], *,
          residual_balancing: tuple[float, float] | None = None,
          coupling: str = "gradient", decoupled_lr: float | optax.Schedule = 1.0,
          curvature_decay: float | None = None,
+         state_storage: StateStorage | str | None = None,
          halt_on_nonfinite: bool = False) -> optax.GradientTransformationExtraArgs:
     """The generic two-stage ADMM transform (module docstring).
 
@@ -167,6 +174,9 @@ def admm(split: Split, rho: float | Callable[[str, tuple[int, ...]], float], *,
         decoupled_lr: η_t for decoupled coupling (float or schedule).
         curvature_decay: if set, keep an EMA of squared gradients per block with this decay and
             pass it to ``split.prox`` (diagonal-Hessian estimate for weighted projections).
+        state_storage: how Z and U are stored between steps (:class:`admm_jax.storage.
+            StateStorage` or a dtype name such as ``"bf16"``, ``"e4m3"``); all arithmetic is
+            fp32. Default fp32 (ELSA-L uses bf16 / fp8).
         halt_on_nonfinite: raise (through a host callback) when a stage 2 finds NaN/inf in X, Z
             or U. Either way the count is recorded in ``state.nonfinite``.
     """
@@ -188,6 +198,9 @@ def admm(split: Split, rho: float | Callable[[str, tuple[int, ...]], float], *,
     if curvature_decay is not None and not 0 <= curvature_decay < 1:
         raise ValueError(f"curvature_decay must be in [0, 1), got {curvature_decay}")
     schedule = rho_schedule or (lambda t: jnp.ones((), jnp.float32))
+    if state_storage is None or isinstance(state_storage, str):
+        state_storage = StateStorage(state_storage or "float32")
+    store, load = state_storage.encode, state_storage.decode
 
     def base_rho(path: str, shape: tuple[int, ...]) -> Array:
         value = rho(path, shape) if callable(rho) else rho
@@ -213,7 +226,7 @@ def admm(split: Split, rho: float | Callable[[str, tuple[int, ...]], float], *,
             z, split_state = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True),
                                                     split.init(x))
             curvature = None if curvature_decay is None else jnp.zeros_like(x)
-            return BlockState(z=z, u=jnp.zeros_like(x),
+            return BlockState(z=store(z), u=store(jnp.zeros_like(x)),
                               rho=base_rho(path_str(path), x.shape) * schedule(0),
                               balance=jnp.ones((), jnp.float32),
                               residual=jnp.zeros((), jnp.float32), curvature=curvature,
@@ -223,42 +236,50 @@ def admm(split: Split, rho: float | Callable[[str, tuple[int, ...]], float], *,
         return ADMMState(count=jnp.zeros((), jnp.int32), blocks=blocks,
                          nonfinite=jnp.zeros((), jnp.int32))
 
-    def stage2_block(path, x, b: BlockState, count) -> tuple[BlockState, Array]:
-        rho_new = base_rho(path, x.shape) * schedule(count) * b.balance
-        u = b.u * (b.rho / rho_new)
-        z, split_state = split.prox(x + u, b.split, rho_new, b.curvature)
-        u = u + x - z
-        x_norm = jnp.linalg.norm(x)
-        primal = jnp.linalg.norm(x - z)
-        balance = b.balance
-        if residual_balancing is not None:
-            mu, tau = residual_balancing
-            dual = rho_new * jnp.linalg.norm(z - b.z)
-            balance = jnp.where(primal > mu * dual, balance * tau,
-                                jnp.where(dual > mu * primal, balance / tau, balance))
-            rho_next = rho_new * balance / b.balance
-            u = u * (rho_new / rho_next)
-            rho_new = rho_next
-        bad = ~(jnp.isfinite(x).all() & jnp.isfinite(z).all() & jnp.isfinite(u).all())
-        return b._replace(z=z, u=u, rho=rho_new, balance=balance,
-                          residual=primal / jnp.maximum(x_norm, 1e-30),
-                          split=split_state), bad.astype(jnp.int32)
-
     def stage2(blocks, params, count):
-        flags: list[Array] = []
+        """``Z ← prox_C(X + U)``, ``U ← U + X − Z`` for every block, then ρ bookkeeping."""
+        flat, treedef = jax.tree_util.tree_flatten_with_path(blocks, is_leaf=_is_block)
+        xs = treedef.flatten_up_to(params)
+        active = [(i, path_str(p), b) for i, (p, b) in enumerate(flat)
+                  if isinstance(b, BlockState)]
+        rhos, us, vs = [], [], []
+        for i, path, b in active:
+            rho_new = base_rho(path, xs[i].shape) * schedule(count) * b.balance
+            u = load(b.u) * (b.rho / rho_new)  # keep Y = ρU fixed when ρ changes
+            rhos.append(rho_new)
+            us.append(u)
+            vs.append(xs[i] + u)
+        states = [b.split for _, _, b in active]
+        curvatures = [b.curvature for _, _, b in active]
+        if split.joint_prox is not None:
+            zs, states = split.joint_prox(vs, states, rhos, curvatures)
+        else:
+            zs, states = zip(*(split.prox(*args) for args in zip(vs, states, rhos, curvatures)))
 
-        def block(path, b, x):
-            if not isinstance(b, BlockState):
-                return b
-            b, bad = stage2_block(path_str(path), x, b, count)
-            flags.append(bad)
-            return b
-
-        blocks = jax.tree_util.tree_map_with_path(block, blocks, params, is_leaf=_is_block)
-        nonfinite = jnp.sum(jnp.stack(flags))
+        new = [b for _, b in flat]
+        flags = []
+        for (i, _, b), rho_new, u, z, split_state in zip(active, rhos, us, zs, states):
+            x = xs[i]
+            u = u + x - z
+            primal = jnp.linalg.norm(x - z)
+            balance = b.balance
+            if residual_balancing is not None:
+                mu, tau = residual_balancing
+                dual = rho_new * jnp.linalg.norm(z - load(b.z))
+                balance = jnp.where(primal > mu * dual, balance * tau,
+                                    jnp.where(dual > mu * primal, balance / tau, balance))
+                rho_next = rho_new * balance / b.balance
+                u = u * (rho_new / rho_next)
+                rho_new = rho_next
+            flags.append(~(jnp.isfinite(x).all() & jnp.isfinite(z).all()
+                           & jnp.isfinite(u).all()))
+            new[i] = b._replace(z=store(z), u=store(u), rho=rho_new, balance=balance,
+                                residual=primal / jnp.maximum(jnp.linalg.norm(x), 1e-30),
+                                split=split_state)
+        nonfinite = jnp.sum(jnp.stack(flags).astype(jnp.int32))
         if halt_on_nonfinite:
             jax.debug.callback(_raise_if_nonfinite, nonfinite, count)
-        return blocks, nonfinite
+        return jax.tree_util.tree_unflatten(treedef, new), nonfinite
 
     def update_fn(updates, state: ADMMState, params=None, **extra_args):
         del extra_args
@@ -285,7 +306,7 @@ def admm(split: Split, rho: float | Callable[[str, tuple[int, ...]], float], *,
         def couple(g, x, b):
             if isinstance(b, optax.MaskedNode):
                 return g
-            return g + scale * b.rho * (x - b.z + b.u)
+            return g + scale * b.rho * (x - load(b.z) + load(b.u))
 
         new_updates = jax.tree_util.tree_map(couple, updates, params, blocks)
         return new_updates, ADMMState(count=count + 1, blocks=blocks, nonfinite=nonfinite)
@@ -339,3 +360,26 @@ def admm_metrics(opt_state, split_metrics: Callable[[Any], dict[str, Array]] | N
                 out[f"{path}/{name}"] = value
     out.update({f"admm/{name}_mean": jnp.mean(jnp.stack(v)) for name, v in sums.items()})
     return out
+
+
+def state_memory(opt_state) -> dict[str, float]:
+    """Bytes of ADMM state, measured from the state pytree (ELSA-L memory accounting).
+
+    Returns ``{"params": constrained entries, "z", "u", "curvature", "split", "scalars", "total"
+    (bytes), "per_param": total / params, "z_u_per_param": (z + u) / params}``; stored
+    low-precision values count their scales.
+    """
+    (state,) = find_admm_states(opt_state)
+    blocks = list(block_states(state).values())
+    parts = {name: sum(nbytes(getattr(b, name)) for b in blocks)
+             for name in ("z", "u", "curvature", "split")}
+    parts["scalars"] = sum(nbytes((b.rho, b.balance, b.residual)) for b in blocks)
+    n = sum(_decoded_size(b.z) for b in blocks)
+    out: dict[str, float] = {"params": n, **parts, "total": sum(parts.values())}
+    out["per_param"] = out["total"] / n
+    out["z_u_per_param"] = (parts["z"] + parts["u"]) / n
+    return out
+
+
+def _decoded_size(z) -> int:
+    return (z.values if isinstance(z, Stored) else z).size

@@ -6,9 +6,10 @@ import numpy as np
 import optax
 import pytest
 
-from admm_jax.admm import admm_metrics, rho_ramp
+from admm_jax.admm import admm_metrics, rho_ramp, state_memory
 from admm_jax.elsa import elsa, finalize, masked_updates, sparsity_metrics, sparsity_split
 from admm_jax.projection import topk_mask
+from admm_jax.storage import StateStorage, Stored, storage_dtype
 
 
 def planted_problem(seed=0, d_in=64, d_out=8, n=40, sparsity=0.9):
@@ -101,3 +102,93 @@ def test_bad_arguments():
         elsa(0.5, structure="2:4", mask={"w": True}).init({"w": jnp.zeros((6, 3))})
     with pytest.raises(ValueError, match="interval"):
         elsa(0.5, interval=0)
+
+
+def test_global_scope_recovers_unequal_per_tensor_densities():
+    """Two tensors planted at 20 % and 5 % density: one global budget finds both supports; the
+    per-tensor rule (12.5 % each) cannot."""
+    a, ya, wa = planted_problem(seed=3, sparsity=0.8, n=56)
+    wb = planted_problem(seed=4, sparsity=0.95)[2]
+    yb = a @ jnp.asarray(wb, jnp.float32)
+    truth = {"a": wa != 0, "b": wb != 0}
+    sparsity = 1 - (truth["a"].sum() + truth["b"].sum()) / (2 * wa.size)
+    tx = optax.chain(elsa(sparsity, rho=0.5, interval=5, scope="global", mask=".*"),
+                     optax.sgd(0.05))
+    params = {"a": jnp.zeros(wa.shape), "b": jnp.zeros(wb.shape)}
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        def loss(p):
+            return 0.5 * (jnp.mean(jnp.sum((a @ p["a"] - ya) ** 2, -1))
+                          + jnp.mean(jnp.sum((a @ p["b"] - yb) ** 2, -1)))
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(800):
+        params, state = step(params, state)
+    final, masks = finalize(params, state, sparsity, scope="global")
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(np.asarray(masks[name]), truth[name])
+    kept = sum(int(jnp.sum(final[n] != 0)) for n in final)
+    assert kept == sum(int(t.sum()) for t in truth.values())
+    _, per_tensor = finalize(params, state, sparsity, scope="tensor")
+    assert int(per_tensor["a"].sum()) == int(per_tensor["b"].sum()) != int(truth["a"].sum())
+    with pytest.raises(ValueError, match="scope='tensor'"):
+        sparsity_split(0.5, structure="2:4", scope="global")
+    with pytest.raises(ValueError, match="scope"):
+        sparsity_split(0.5, scope="layer")
+
+
+@pytest.mark.parametrize("dtype, scaling, bound", [
+    ("bf16", None, 2.0 ** -8), ("bf16", "row", 2.0 ** -8),
+    ("e4m3", "tensor", 2.0 ** -4), ("e4m3", "row", 2.0 ** -4), ("e5m2", "tensor", 2.0 ** -3)])
+def test_state_storage_round_trips_within_the_format_error(dtype, scaling, bound):
+    rng = np.random.default_rng(0)
+    # rows of very different magnitude: per-row scales must not lose the small ones
+    x = jnp.asarray(rng.normal(size=(96, 12)) * np.logspace(-3, 2, 12), jnp.float32)
+    storage = StateStorage(dtype, scaling)
+    stored = storage.encode(x)
+    back = storage.decode(stored)
+    values = stored.values if isinstance(stored, Stored) else stored
+    assert values.dtype == storage_dtype(dtype) and back.dtype == jnp.float32
+    scale = jnp.abs(x).max(axis=0 if storage.resolved_scaling == "row" else None)
+    if storage.resolved_scaling == "none":
+        err = jnp.abs(back - x) / jnp.maximum(jnp.abs(x), 1e-30)  # relative per entry
+        assert float(err.max()) <= bound
+    else:
+        # normal numbers: |error| ≤ 2^-(m+1)·|x| ≤ bound·amax of the entry's scale group
+        assert float(jnp.max(jnp.abs(back - x) / scale)) <= bound
+        assert float(jnp.abs(back - x).max(axis=0).min()) < 1e-3  # the small columns survive
+    np.testing.assert_array_equal(np.asarray(jnp.abs(back).max(axis=0) > 0), True)
+
+
+def test_storage_rejects_unknown_or_unavailable_dtypes(monkeypatch):
+    with pytest.raises(ValueError, match="unknown state dtype"):
+        StateStorage("fp4")
+    with pytest.raises(ValueError, match="scaling"):
+        StateStorage("e4m3", "block")
+    storage_dtype.cache_clear()
+    monkeypatch.delattr(jnp, "float8_e5m2")
+    with pytest.raises(ValueError, match="not available"):
+        elsa(0.5, state_dtype="e5m2")
+    storage_dtype.cache_clear()
+
+
+@pytest.mark.parametrize("dtype, per_param", [("float32", 8.0), ("bf16", 4.0), ("e4m3", 2.0)])
+def test_elsa_low_precision_states_train_and_shrink_memory(dtype, per_param):
+    """ELSA-L: the planted support is still recovered with Z, U in bf16 / fp8, and the bytes
+    of Z + U per constrained parameter, measured from the state, are 8 / 4 / 2 (+ scales)."""
+    a, y, w_true = planted_problem()
+    sparsity = 1 - np.mean(w_true != 0)
+    tx = optax.chain(elsa(sparsity, rho=0.5, interval=5, state_dtype=dtype, mask={"w": True}),
+                     optax.sgd(0.05))
+    params, state = fit(tx, a, y, 600)
+    _, masks = finalize(params, state, sparsity)
+    np.testing.assert_array_equal(np.asarray(masks["w"]), w_true != 0)
+    memory = state_memory(state)
+    assert memory["params"] == w_true.size
+    scales = 0 if dtype != "e4m3" else 2 * 4  # one fp32 scale each for Z and U
+    assert memory["z_u_per_param"] == pytest.approx(per_param + scales / w_true.size)
+    # mask (1 byte) + curvature (4 bytes) + Z + U, plus a few scalars
+    assert memory["per_param"] == pytest.approx(per_param + 5.0, abs=0.1)
