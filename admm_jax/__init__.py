@@ -9,6 +9,8 @@ The public API, by concept:
   projections in :mod:`admm_jax.projection`; ELSA-L storage :class:`StateStorage`,
   :func:`state_memory`
 * proximal operators: :func:`soft_threshold`, :func:`svt`, :func:`svt_subspace`, ...
+* one-shot pruning: :func:`prune` (magnitude, Wanda, SparseGPT) over the layer-by-layer capture
+  :func:`capture_blocks`; more in :mod:`admm_jax.pruning`
 * robust PCA: :func:`rpca`
 * models, data, training and checkpoints: :mod:`admm_jax.models`, :mod:`admm_jax.data`,
   :mod:`admm_jax.train`, :mod:`admm_jax.checkpoint`
@@ -35,6 +37,13 @@ from admm_jax.prox import (
     soft_threshold,
     svt,
     svt_subspace,
+)
+from admm_jax.pruning import (
+    capture_blocks,
+    magnitude_prune,
+    prune,
+    sparsegpt_prune,
+    wanda_prune,
 )
 from admm_jax.rpca import RPCAResult, rpca
 from admm_jax.slr import SLRState, slr_admm, slr_components, slr_split
@@ -64,6 +73,7 @@ __all__ = [
     "admm_metrics",
     "allocate",
     "block_surrogate",
+    "capture_blocks",
     "density",
     "deploy",
     "effective_rank",
@@ -72,7 +82,9 @@ __all__ = [
     "hard_rank_truncation",
     "i_controller",
     "load_surrogate",
+    "magnitude_prune",
     "masked_updates",
+    "prune",
     "reconstruct",
     "rho_ramp",
     "rpca",
@@ -81,9 +93,11 @@ __all__ = [
     "slr_components",
     "slr_split",
     "soft_threshold",
+    "sparsegpt_prune",
     "sparsity_split",
     "state_memory",
     "svt",
     "svt_subspace",
     "tanh_ramp",
+    "wanda_prune",
 ]

@@ -160,7 +160,8 @@ def train(model_config: LlamaConfig, corpus: TokenizedCorpus, run_dir: str | os.
         cfg: optimisation and bookkeeping settings.
         tx: any optax transformation; defaults to :func:`default_optimizer`.
         tokenizer: stored with the checkpoints (default: ``corpus.tokenizer``).
-        init: initial params (e.g. pretrained); default: random init from ``cfg.seed``.
+        init: initial params (e.g. pretrained; copied, never donated); default: random init
+            from ``cfg.seed``.
         state_metrics: ``opt_state -> {name: scalar}`` logged every ``log_every`` steps (ADMM
             transforms expose per-block metrics this way).
         mesh: device mesh with a ``data`` axis (default: all devices, see
@@ -191,8 +192,8 @@ def train(model_config: LlamaConfig, corpus: TokenizedCorpus, run_dir: str | os.
     key = jax.random.key(cfg.seed)
     init_key, rng = jax.random.split(key)
     graphdef, params = init_params(model_config, init_key)
-    if init is not None:
-        params = init
+    if init is not None:  # copied: the train step donates its params buffers
+        params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), init)
     opt_state = tx.init(params)
     start = 0
     metrics_path = run_dir / "metrics.jsonl"

@@ -1,10 +1,17 @@
-"""End-to-end runs of the experiment scripts at toy scale: SALAAD vs RPCA and deployment."""
+"""End-to-end runs of the experiment scripts at toy scale: SALAAD vs RPCA and deployment, ELSA vs
+one-shot pruning."""
 
 import json
 
+import jax
 import numpy as np
+import pytest
 
-from experiments import deploy, salaad
+from admm_jax.checkpoint import save_model
+from admm_jax.data import corpus_meta, prepare_corpus
+from admm_jax.models.llama import LlamaConfig, init_params
+from experiments import deploy, evaluate, salaad
+from experiments import elsa as elsa_experiment
 
 
 def write_texts(root, n_docs=6, seed=0):
@@ -43,3 +50,33 @@ def test_salaad_experiment_end_to_end(tmp_path, monkeypatch):
     ppl = deploy.main(["--checkpoint", str(run / "salaad"), "--budget", "0.7",
                        "--seq_len", "32", "--batch_size", "4", "--max_batches", "2"])
     assert np.isfinite(ppl)
+
+
+def test_elsa_experiment_end_to_end(tmp_path, monkeypatch):
+    """All four methods at one unstructured and one 2:4 setting on a nano checkpoint: exact
+    sparsity, finite perplexities, checkpoints that the evaluate CLI reads, the summary."""
+    monkeypatch.setenv("ADMM_JAX_CACHE", str(tmp_path / "cache"))
+    texts = write_texts(tmp_path / "texts")
+    corpus = prepare_corpus(str(texts), vocab_size=300)
+    _, params = init_params(LlamaConfig.preset("nano"), jax.random.key(0))
+    source = save_model(tmp_path / "nano", params, model_config=LlamaConfig.preset("nano"),
+                        tokenizer=corpus.tokenizer, meta=corpus_meta(corpus))
+    rows = elsa_experiment.main([
+        "--name", "toy", "--checkpoint", str(source), "--corpus", str(texts),
+        "--runs_root", str(tmp_path / "runs"), "--results", str(tmp_path / "elsa.md"),
+        "--settings", "0.75,2:4", "--n_calibration", "4", "--calibration_len", "32",
+        "--interval", "2", "--eval_seq_len", "32", "--eval_batch_size", "4",
+        "--eval_batches", "2", "--train.steps", "6", "--train.batch_size", "4",
+        "--train.seq_len", "32", "--train.warmup_steps", "1", "--train.log_every", "2",
+        "--train.eval_every", "6", "--train.eval_batches", "1", "--train.checkpoint_every", "6"])
+    assert {(r["method"], r["setting"]) for r in rows} == {
+        (m, s) for m in ("magnitude", "wanda", "sparsegpt", "elsa") for s in ("0.75", "2:4")}
+    for row in rows:
+        assert row["sparsity"] == (0.75 if row["setting"] == "0.75" else 0.5)
+        assert np.isfinite(row["ppl"])
+    summary = (tmp_path / "elsa.md").read_text()
+    assert "Command: `python -m experiments.elsa" in summary and "ELSA-L" in summary
+    elsa_row = next(r for r in rows if r["method"] == "elsa" and r["setting"] == "0.75")
+    ppl = evaluate.main(["--checkpoint", elsa_row["checkpoint"], "--seq_len", "32",
+                         "--batch_size", "4", "--max_batches", "2"])
+    assert ppl == pytest.approx(elsa_row["ppl"], rel=1e-4)
