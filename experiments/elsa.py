@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -84,8 +85,8 @@ class ElsaConfig:
     eval_batch_size: int = 8
     eval_batches: int = 8
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
-        steps=100, batch_size=4, seq_len=128, lr=1e-4, min_lr_ratio=0.1, warmup_steps=10,
-        weight_decay=0.0, log_every=5, eval_every=100, eval_batches=4, checkpoint_every=100,
+        steps=150, batch_size=4, seq_len=128, lr=1e-4, min_lr_ratio=0.1, warmup_steps=10,
+        weight_decay=0.0, log_every=5, eval_every=150, eval_batches=4, checkpoint_every=150,
         keep_checkpoints=1))
 
 
@@ -194,10 +195,32 @@ def load_pretrained(cfg: ElsaConfig) -> PretrainedModel:
     return PRETRAINED[cfg.model]()
 
 
-def _cached(path: Path, compute) -> dict:
+#: the config fields each kind of result depends on (a cached result is reused only if they match)
+_EVAL_FIELDS = ("model", "checkpoint", "corpus", "eval_seq_len", "eval_batch_size", "eval_batches")
+_DEPENDS = {
+    "magnitude": _EVAL_FIELDS,
+    "wanda": (*_EVAL_FIELDS, "n_calibration", "calibration_len"),
+    "sparsegpt": (*_EVAL_FIELDS, "n_calibration", "calibration_len", "sparsegpt_blocksize",
+                  "sparsegpt_damp"),
+    "elsa": (*_EVAL_FIELDS, "rho", "rho_ramp", "rho_factor", "interval", "weighted",
+             "state_dtype", "train"),
+    "dense": _EVAL_FIELDS,
+    "dense fine-tuned": (*_EVAL_FIELDS, "train"),
+}
+
+
+def _cached(path: Path, cfg: ElsaConfig, kind: str, compute) -> dict:
+    """The result stored at ``path`` if it was computed under the same relevant config, else
+    ``compute()`` (after removing a stale training run next to it), stored with that config."""
+    key = {f: to_dict(cfg)[f] for f in _DEPENDS[kind]}
     if path.exists():
-        return json.loads(path.read_text())
-    row = compute()
+        row = json.loads(path.read_text())
+        if row.get("config") == key:
+            return row
+        print(f"{path} was computed under another config; recomputing", flush=True)
+    shutil.rmtree(path.parent / "train", ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    row = {**compute(), "config": key}
     write_json(path, row)
     return row
 
@@ -261,7 +284,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     corpus = prepare_corpus(cfg.corpus, tokenizer=model.tokenizer)
     calibration = calibration_samples(corpus, cfg.n_calibration, cfg.calibration_len, seed=0)
     graphdef, _ = abstract_params(model.config)
-    dense = _cached(root / "dense.json", lambda: {
+    dense = _cached(root / "dense.json", cfg, "dense", lambda: {
         "ppl": held_out_perplexity(cfg, graphdef, model.params, corpus.val)})
     print(f"dense held-out perplexity {dense['ppl']:.2f}", flush=True)
     memory = memory_table(cfg, model)
@@ -271,13 +294,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             out = root / f"{method}-{setting.replace(':', 'of')}"
             out.mkdir(exist_ok=True)
             print(f"== {method} at {setting} ==", flush=True)
-            row = _cached(out / "result.json", functools.partial(
+            row = _cached(out / "result.json", cfg, method, functools.partial(
                 run_method, cfg, method, setting, model, corpus, calibration, out))
             print(f"{method} {setting}: ppl {row['ppl']:.2f}, sparsity {row['sparsity']:.4f}, "
                   f"{row['seconds']:.0f}s", flush=True)
             rows.append(row)
             write_summary(cfg, root, dense["ppl"], rows, None, memory, argv)
-    reference = (_cached(root / "dense-finetuned.json",
+    reference = (_cached(root / "dense-finetuned" / "result.json", cfg, "dense fine-tuned",
                          lambda: dense_reference(cfg, model, corpus, root / "dense-finetuned"))
                  if cfg.dense_reference else None)
     summary = write_summary(cfg, root, dense["ppl"], rows, reference, memory, argv)

@@ -1,5 +1,10 @@
 """ELSA split: planted sparse support recovery on least squares, N:M, finalize exactness."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -192,3 +197,52 @@ def test_elsa_low_precision_states_train_and_shrink_memory(dtype, per_param):
     assert memory["z_u_per_param"] == pytest.approx(per_param + scales / w_true.size)
     # mask (1 byte) + curvature (4 bytes) + Z + U, plus a few scalars
     assert memory["per_param"] == pytest.approx(per_param + 5.0, abs=0.1)
+
+
+def test_elsa_on_parameters_sharded_over_a_mesh():
+    """ELSA (global scope, fp8 states) on row-sharded params over 4 devices: same trajectory and
+    masks as unsharded, and Z stays sharded like the params."""
+    script = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np, optax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from admm_jax.admm import block_states, find_admm_states
+        from admm_jax.elsa import elsa, finalize
+        assert jax.device_count() == 4
+        rng = np.random.default_rng(0)
+        target = {"a": jnp.asarray(rng.normal(size=(64, 32)), jnp.float32),
+                  "b": jnp.asarray(rng.normal(size=(32, 16)) * 3, jnp.float32)}
+        tx = optax.chain(elsa(0.8, rho=0.3, interval=3, scope="global", state_dtype="e4m3",
+                              mask=".*"), optax.adam(0.05))
+
+        def run(params):
+            state = tx.init(params)
+            @jax.jit
+            def step(params, state):
+                grads = jax.grad(lambda p: sum(jnp.sum((p[k] - target[k]) ** 2) for k in p))(params)
+                updates, state = tx.update(grads, state, params)
+                return optax.apply_updates(params, updates), state
+            for _ in range(12):
+                params, state = step(params, state)
+            return params, state, finalize(params, state, 0.8, scope="global")
+
+        zeros = {k: jnp.zeros_like(v) for k, v in target.items()}
+        mesh = Mesh(np.array(jax.devices()), ("x",))
+        rows = NamedSharding(mesh, P("x", None))
+        sharded = jax.device_put(zeros, rows)
+        p1, s1, (f1, m1) = run(zeros)
+        p2, s2, (f2, m2) = run(sharded)
+        for k in target:
+            np.testing.assert_allclose(p1[k], p2[k], atol=1e-5)
+            np.testing.assert_array_equal(m1[k], m2[k])
+            assert p2[k].sharding.is_equivalent_to(rows, 2), p2[k].sharding
+        z = block_states(find_admm_states(s2)[0])["a"].z
+        assert z.values.sharding.is_equivalent_to(rows, 2), z.values.sharding
+        kept = sum(int(m.sum()) for m in m2.values())
+        assert kept == 64 * 32 + 32 * 16 - int(0.8 * (64 * 32 + 32 * 16))
+        print("ok")
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
