@@ -32,7 +32,14 @@ import jax.numpy as jnp
 import optax
 
 from admm_jax.admm import Split, admm, block_states, find_admm_states
-from admm_jax.projection import global_topk_masks, keep_count, nm_mask, scores_of, topk_mask
+from admm_jax.projection import (
+    global_topk_masks,
+    keep_count,
+    nm_mask,
+    parse_structure,
+    scores_of,
+    topk_mask,
+)
 from admm_jax.storage import StateStorage
 from admm_jax.tree import SelectionSpec, path_str
 
@@ -45,17 +52,10 @@ class SparsityState(NamedTuple):
     flip_rate: Array  # fraction of mask entries that changed at the last projection
 
 
-def _parse_structure(structure: str) -> tuple[int, int] | None:
-    if structure == "unstructured":
-        return None
-    try:
-        n, m = (int(p) for p in structure.split(":"))
-    except ValueError:
-        raise ValueError(f"structure must be 'unstructured' or 'N:M' (e.g. '2:4'), got "
-                         f"{structure!r}") from None
-    if not 0 < n < m:
-        raise ValueError(f"structure {structure!r} needs 0 < N < M")
-    return n, m
+def _pair_scores(pair: tuple[Array, Array | None]) -> Array:
+    """``scores_of(v, h)`` of a ``(v, h)`` pair, recomputed inside the global bisection so the
+    scores of the whole model are never stored."""
+    return scores_of(*pair)
 
 
 def sparsity_metrics(state: SparsityState) -> dict[str, Array]:
@@ -73,7 +73,7 @@ def make_projection(sparsity: float, structure: str = "unstructured", scope: str
     scores over all tensors together (unstructured only). Scores are ``h·v²`` when ``weighted``
     and a curvature is given, else ``v²``.
     """
-    nm = _parse_structure(structure)
+    nm = parse_structure(structure)
     if scope not in ("tensor", "global"):
         raise ValueError(f"scope must be 'tensor' or 'global', got {scope!r}")
     if nm is not None and scope == "global":
@@ -83,11 +83,13 @@ def make_projection(sparsity: float, structure: str = "unstructured", scope: str
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
 
     def project(vs: list[Array], curvatures: list[Array | None]) -> list[Array]:
-        scores = [scores_of(v, h if weighted else None) for v, h in zip(vs, curvatures)]
+        pairs = [(v, h if weighted else None) for v, h in zip(vs, curvatures)]
+        if scope == "global":
+            k = keep_count(sum(v.size for v in vs), sparsity)
+            return global_topk_masks(pairs, k, score_fn=_pair_scores)
+        scores = [_pair_scores(p) for p in pairs]
         if nm is not None:
             return [nm_mask(s, *nm) for s in scores]
-        if scope == "global":
-            return global_topk_masks(scores, keep_count(sum(s.size for s in scores), sparsity))
         return [topk_mask(s, keep_count(s.size, sparsity)) for s in scores]
 
     return project

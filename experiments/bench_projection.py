@@ -5,27 +5,36 @@
 On the parameter pytree of a model preset (``60m``: 58 M parameters, random weights), keep the
 ``(1 − sparsity)`` fraction of entries with the largest magnitude across all leaves:
 
-* ours — :func:`admm_jax.projection.global_topk_masks`: bisection on counts (elementwise compares
-  and sums, O(N) memory beyond the inputs), exact k with deterministic ties;
+* ours — :func:`admm_jax.projection.global_topk_masks` with ``score_fn=jnp.square``: the k-th
+  largest score by 32 bisection steps on counts (each an elementwise compare and count, the
+  score recomputed inside it), then ``score ≥ t``; exact k with deterministic ties;
 * baseline — the sort-based projection of existing JAX ADMM pruners: concatenate every score,
   ``jnp.sort`` them (O(N log N) time, an N-sized sorted copy), threshold at the k-th largest.
 
-Reports median wall time (interleaved rounds) and the compiled programs' temporary memory
-(``memory_analysis().temp_size_in_bytes``), as ratios, and how many entries the two keep
-differently (the sort keeps every entry tied with the threshold, so it may keep more than k).
-Writes JSON.
+Both run on two inputs: the random weights (no ties at the threshold) and the same weights
+rounded to a grid of 0.005 (a few dozen levels, so the threshold value is shared by ~10⁶ entries
+and ours takes its tie-break path; the sort keeps every tie, so it keeps more than k).
+
+Reports median wall time (interleaved rounds), the compiled programs' memory
+(``memory_analysis()``: temporary buffers, and the output masks that both produce), and the
+peak resident memory of one call measured in a fresh process per contender (rise of the
+process's peak RSS over its RSS before the call, inputs and compiled program already in place;
+Linux only) — as ratios sort / bisection. Writes JSON.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from admm_jax.models.llama import LlamaConfig, abstract_params, count_params
-from admm_jax.projection import global_topk_masks, keep_count
+from admm_jax.models.llama import LlamaConfig, abstract_params
+from admm_jax.projection import global_threshold, global_topk_masks, keep_count
 from experiments.benchmarking import interleaved_medians, report
 from experiments.cli import parse_config
 
@@ -38,6 +47,7 @@ class BenchProjectionConfig:
     model: str = "60m"
     sparsity: float = 0.9
     rounds: int = 3
+    rss: bool = True  # also measure peak RSS per contender in a fresh process (Linux)
 
 
 def sort_masks(leaves: list[jax.Array], k: int) -> list[jax.Array]:
@@ -47,45 +57,123 @@ def sort_masks(leaves: list[jax.Array], k: int) -> list[jax.Array]:
     return [jnp.square(x) >= threshold for x in leaves]
 
 
-def temp_bytes(fn, args) -> int:
-    """Temporary buffer bytes of the compiled program (``-1`` if the backend does not say)."""
+def contenders(k: int) -> dict:
+    """``name -> fn(leaves) -> masks``: ours (scores recomputed inside each count), ours on a
+    precomputed score list (what a caller without ``score_fn`` gets), and the sort."""
+    return {
+        "bisection": lambda ls: global_topk_masks(ls, k, score_fn=jnp.square),
+        "bisection_precomputed_scores": lambda ls: global_topk_masks(
+            [jnp.square(x) for x in ls], k),
+        "sort": lambda ls: sort_masks(ls, k),
+    }
+
+
+def model_leaves(model: str, tied: bool = False) -> list[jax.Array]:
+    """Random N(0, 0.02²) weights shaped like the preset's parameters (optionally rounded to a
+    0.005 grid, which creates massive ties)."""
+    _, abstract = abstract_params(LlamaConfig.preset(model))
+    shapes = [s.shape for s in jax.tree_util.tree_leaves(abstract)]
+    keys = jax.random.split(jax.random.key(0), len(shapes))
+    leaves = [jax.random.normal(key, shape) * 0.02 for key, shape in zip(keys, shapes)]
+    return [jnp.round(x / 0.005) * 0.005 for x in leaves] if tied else leaves
+
+
+def memory(fn, args) -> dict[str, int]:
+    """Temporary and output buffer bytes of the compiled program (``-1`` if not reported)."""
     analysis = jax.jit(fn).lower(args).compile().memory_analysis()
-    return int(getattr(analysis, "temp_size_in_bytes", -1)) if analysis is not None else -1
+    return {f: int(getattr(analysis, f"{f}_size_in_bytes", -1)) if analysis is not None else -1
+            for f in ("temp", "output")}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def child_peak_rss(name: str, model: str, sparsity: float) -> int:
+    """In this (fresh) process: build the inputs, compile ``name``, reset the peak-RSS mark, run
+    it once and return the rise of peak RSS over the RSS before the call, in bytes."""
+    leaves = model_leaves(model)
+    k = keep_count(sum(x.size for x in leaves), sparsity)
+    compiled = jax.jit(contenders(k)[name]).lower(leaves).compile()
+    jax.block_until_ready(leaves)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    before = _status_kib("VmRSS")
+    jax.block_until_ready(compiled(leaves))
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def peak_rss(name: str, model: str, sparsity: float) -> int | None:
+    """:func:`child_peak_rss` in a fresh interpreter (``None`` where it cannot be measured).
+
+    Large allocations are forced to ``mmap`` so that freed buffers leave the RSS at once."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    code = textwrap.dedent(f"""
+        from experiments.bench_projection import child_peak_rss
+        print(child_peak_rss({name!r}, {model!r}, {sparsity!r}))
+    """)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=root, timeout=1800)
+    if proc.returncode != 0:
+        print(proc.stderr[-2000:], file=sys.stderr)
+        return None
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b is not None and b > 0 else None
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(BenchProjectionConfig, argv)
-    _, abstract = abstract_params(LlamaConfig.preset(cfg.model))
-    n = count_params(abstract)
-    shapes = [s.shape for s in jax.tree_util.tree_leaves(abstract)]
-    keys = jax.random.split(jax.random.key(0), len(shapes))
-    leaves = [jax.random.normal(key, shape) * 0.02 for key, shape in zip(keys, shapes)]
+    leaves, tied = model_leaves(cfg.model), model_leaves(cfg.model, tied=True)
+    n = sum(x.size for x in leaves)
     k = keep_count(n, cfg.sparsity)
+    fns = contenders(k)
+    ours, precomputed, base = (jax.jit(fns[name]) for name in
+                               ("bisection", "bisection_precomputed_scores", "sort"))
 
-    def ours(ls):
-        return global_topk_masks([jnp.square(x) for x in ls], k)
+    def kept(masks):
+        return sum(int(m.sum()) for m in masks)
 
-    def baseline(ls):
-        return sort_masks(ls, k)
-
-    ours_jit, base_jit = jax.jit(ours), jax.jit(baseline)
-    mine, theirs = ours_jit(leaves), base_jit(leaves)
-    kept = sum(int(m.sum()) for m in mine)
-    kept_sort = sum(int(m.sum()) for m in theirs)  # ≥ k: it keeps every tie at the threshold
-    differing = sum(int((a != b).sum()) for a, b in zip(mine, theirs))
-    seconds = interleaved_medians({"bisection": lambda: ours_jit(leaves),
-                                   "sort": lambda: base_jit(leaves)}, cfg.rounds, warmup=1)
-    memory = {"bisection": temp_bytes(ours, leaves), "sort": temp_bytes(baseline, leaves)}
+    mine, theirs, mine_tied, theirs_tied = ours(leaves), base(leaves), ours(tied), base(tied)
+    assert all(bool((a == b).all()) for a, b in zip(mine, precomputed(leaves)))
+    t = global_threshold(tied, k, score_fn=jnp.square)
+    ties_at_threshold = sum(int((jnp.square(x) == t).sum()) for x in tied)
+    seconds = interleaved_medians({
+        "bisection": lambda: ours(leaves), "sort": lambda: base(leaves),
+        "bisection_tied": lambda: ours(tied), "sort_tied": lambda: base(tied)},
+        cfg.rounds, warmup=1)
+    mem = {name: memory(fn, leaves) for name, fn in fns.items()}
+    rss = {name: (peak_rss(name, cfg.model, cfg.sparsity) if cfg.rss else None)
+           for name in fns}
     result = {
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "model": cfg.model,
-        "params": n, "leaves": len(shapes), "sparsity": cfg.sparsity, "k": k,
-        "kept_by_bisection": kept, "kept_by_sort": kept_sort,
-        "entries_differing": differing, "seconds": seconds,
+        "params": int(n), "leaves": len(leaves), "sparsity": cfg.sparsity, "k": k,
+        "kept_by_bisection": kept(mine), "kept_by_sort": kept(theirs),
+        "entries_differing": sum(int((a != b).sum()) for a, b in zip(mine, theirs)),
+        "tied_input": {"ties_at_threshold": ties_at_threshold,
+                       "kept_by_bisection": kept(mine_tied), "kept_by_sort": kept(theirs_tied)},
+        "seconds": seconds,
         "time_ratio_sort_over_bisection": seconds["sort"] / seconds["bisection"],
-        "temp_bytes": memory,
-        "temp_memory_ratio_sort_over_bisection": (memory["sort"] / memory["bisection"]
-                                                  if memory["bisection"] > 0 else None),
-        "input_bytes": int(sum(np.prod(s) for s in shapes) * 4)}
+        "time_ratio_sort_over_bisection_tied": seconds["sort_tied"] / seconds["bisection_tied"],
+        "temp_bytes": {name: m["temp"] for name, m in mem.items()},
+        "output_bytes": {name: m["output"] for name, m in mem.items()},
+        "temp_memory_ratio_sort_over_bisection": _ratio(mem["sort"]["temp"],
+                                                        mem["bisection"]["temp"]),
+        "temp_plus_output_ratio_sort_over_bisection": _ratio(
+            mem["sort"]["temp"] + mem["sort"]["output"],
+            mem["bisection"]["temp"] + mem["bisection"]["output"]),
+        "peak_rss_rise_bytes": rss,
+        "peak_rss_ratio_sort_over_bisection": _ratio(rss["sort"], rss["bisection"]),
+        "input_bytes": int(sum(x.size * x.dtype.itemsize for x in leaves))}
     return report(result, cfg.out)
 
 

@@ -41,9 +41,8 @@ from flax import nnx
 from jax import lax
 from tqdm.auto import tqdm
 
-from admm_jax.elsa import _parse_structure
 from admm_jax.models.llama import LlamaConfig
-from admm_jax.projection import keep_count, nm_mask, topk_mask
+from admm_jax.projection import keep_count, nm_mask, parse_structure, topk_mask
 from admm_jax.pruning.capture import (
     LINEAR_INPUTS,
     CapturedBlock,
@@ -74,7 +73,7 @@ def _check_sparsity(sparsity: Any) -> float:
 def _check_structure(structure: Any, d_in: int, what: str = "the kernel") -> NM:
     if not isinstance(structure, str):
         raise ValueError(f"structure must be 'unstructured' or 'N:M', got {structure!r}")
-    nm = _parse_structure(structure)
+    nm = parse_structure(structure)
     if nm is not None and d_in % nm[1]:
         raise ValueError(f"structure {structure!r}: M = {nm[1]} must divide the input dimension "
                          f"of every pruned kernel, but {what} has {d_in} inputs")
