@@ -37,6 +37,10 @@ import time
 from pathlib import Path
 
 import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 import numpy as np
 import optax
 
@@ -225,21 +229,44 @@ def _cached(path: Path, cfg: ElsaConfig, kind: str, compute) -> dict:
     return row
 
 
+def _label(setting: str) -> str:
+    return setting if ":" in setting else f"{float(setting):.0%}"
+
+
+def plot_results(rows: list[dict], settings: list[str], methods: list[str], dense_ppl: float,
+                 path: Path) -> None:
+    """Held-out perplexity against sparsity setting, one line per method (log scale)."""
+    by = {(r["method"], r["setting"]): r for r in rows}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m in methods:
+        pts = [(i, by[(m, s)]["ppl"]) for i, s in enumerate(settings) if (m, s) in by]
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=m)
+    ax.axhline(dense_ppl, color="gray", ls="--", label="dense")
+    ax.set_xticks(range(len(settings)), [_label(s) for s in settings])
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity of the decoder kernels")
+    ax.set_ylabel("held-out perplexity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_summary(cfg: ElsaConfig, root: Path, dense_ppl: float, rows: list[dict],
                   reference: dict | None, memory: list[dict], argv: list[str]) -> str:
-    settings = [s for s in cfg.settings.split(",")]
-    methods = [m for m in cfg.methods.split(",")]
+    """``summary.md`` (and ``perplexity.png``) of the rows computed so far."""
+    settings, methods = cfg.settings.split(","), cfg.methods.split(",")
     by = {(r["method"], r["setting"]): r for r in rows}
-    header = ["setting", *methods, "best baseline / ELSA"]
-    table = []
-    for s in settings:
-        ppls = [by[(m, s)]["ppl"] if (m, s) in by else "—" for m in methods]
+
+    def table(field: str) -> list[list]:
+        return [[_label(s), *[by[(m, s)][field] if (m, s) in by else "—" for m in methods]]
+                for s in settings]
+
+    ppl = table("ppl")
+    for row, s in zip(ppl, settings):
         base = [by[(m, s)]["ppl"] for m in methods if m != "elsa" and (m, s) in by]
-        ratio = (min(base) / by[("elsa", s)]["ppl"]
-                 if base and ("elsa", s) in by else "—")
-        table.append([s if ":" in s else f"{float(s):.0%}", *ppls, ratio])
-    times = [[s, *[by[(m, s)]["seconds"] if (m, s) in by else "—" for m in methods]]
-             for s in settings]
+        row.append(min(base) / by[("elsa", s)]["ppl"] if base and ("elsa", s) in by else "—")
     mem_rows = [[r["state_dtype"], r["scaling"], r["z_u_per_param"], r["per_param"],
                  r["total"] / 2 ** 20] for r in memory]
     command = "python -m experiments.elsa " + " ".join(argv)
@@ -250,15 +277,19 @@ def write_summary(cfg: ElsaConfig, root: Path, dense_ppl: float, rows: list[dict
             f"tokens; 0 = all). Dense model: **{dense_ppl:.2f}**.",
             f"Calibration: {cfg.n_calibration} × {cfg.calibration_len} train-split tokens. "
             f"ELSA: {cfg.train.steps} steps × {cfg.train.batch_size} × {cfg.train.seq_len} "
-            f"train-split tokens, ρ {cfg.rho} ({cfg.rho_ramp} ramp ×{cfg.rho_factor}), "
-            f"interval {cfg.interval}, weighted={cfg.weighted}, Z/U in {cfg.state_dtype}.\n"]
+            f"train-split tokens, AdamW lr {cfg.train.lr:g}, ρ {cfg.rho} ({cfg.rho_ramp} ramp "
+            f"×{cfg.rho_factor}, decoupled), interval {cfg.interval}, weighted={cfg.weighted}, "
+            f"Z/U in {cfg.state_dtype}.\n"]
     if reference:
         text.append(f"Dense model fine-tuned with ELSA's optimizer and budget (no sparsity): "
                     f"**{reference['ppl']:.2f}** ({reference['seconds']:.0f} s) — the share "
                     "of ELSA's numbers that is adaptation to the corpus.\n")
-    text += ["## Perplexity (lower is better)\n", markdown_table(header, table),
+    text += ["## Perplexity (lower is better)\n",
+             markdown_table(["setting", *methods, "best baseline / ELSA"], ppl),
+             "\n## Achieved sparsity of the pruned kernels (zeros counted in the weights)\n",
+             markdown_table(["setting", *methods], table("sparsity")),
              "\n## Wall time (seconds; one-shot: capture + prune; ELSA: training + finalize)\n",
-             markdown_table(["setting", *methods], times),
+             markdown_table(["setting", *methods], table("seconds")),
              "\n## ELSA-L: ADMM state memory measured from the state pytree\n",
              "Bytes per constrained parameter (Z + U, and all ADMM state: Z, U, the kept mask, "
              "the curvature EMA and per-block scalars); MiB for the full model.\n",
@@ -266,6 +297,7 @@ def write_summary(cfg: ElsaConfig, root: Path, dense_ppl: float, rows: list[dict
                              "state MiB"], mem_rows)]
     summary = "\n".join(text)
     (root / "summary.md").write_text(summary)
+    plot_results(rows, settings, methods, dense_ppl, root / "perplexity.png")
     return summary
 
 
@@ -306,6 +338,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     summary = write_summary(cfg, root, dense["ppl"], rows, reference, memory, argv)
     Path(cfg.results).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.results).write_text(summary)
+    shutil.copy(root / "perplexity.png", Path(cfg.results).with_suffix(".png"))
     print(summary)
     return rows
 

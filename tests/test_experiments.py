@@ -76,6 +76,7 @@ def test_elsa_experiment_end_to_end(tmp_path, monkeypatch):
         assert np.isfinite(row["ppl"])
     summary = (tmp_path / "elsa.md").read_text()
     assert "Command: `python -m experiments.elsa" in summary and "ELSA-L" in summary
+    assert (tmp_path / "elsa.png").is_file()
     elsa_row = next(r for r in rows if r["method"] == "elsa" and r["setting"] == "0.75")
     ppl = evaluate.main(["--checkpoint", elsa_row["checkpoint"], "--seq_len", "32",
                          "--batch_size", "4", "--max_batches", "2"])
