@@ -52,19 +52,27 @@ def _json_or_str(text: str) -> Any:
         return text
 
 
-def _fields(cls) -> dict[str, tuple[Any, Any]]:
-    """``{dotted name: (type, default)}`` of all scalar fields, recursing into dataclasses."""
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _fields(cls, instance: Any = None) -> dict[str, tuple[Any, Any]]:
+    """``{dotted name: (type, default)}`` of all scalar fields, recursing into dataclasses. A
+    nested dataclass's defaults are those of the parent's default instance (its
+    ``default_factory``), not the nested class's own."""
     hints = typing.get_type_hints(cls)
     out: dict[str, tuple[Any, Any]] = {}
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        default = getattr(instance, f.name) if instance is not None else _default(f)
         if dataclasses.is_dataclass(tp):
-            for sub, spec in _fields(tp).items():
+            for sub, spec in _fields(tp, default).items():
                 out[f"{f.name}.{sub}"] = spec
         else:
-            default = (f.default if f.default is not dataclasses.MISSING
-                       else f.default_factory() if f.default_factory is not dataclasses.MISSING
-                       else None)
             out[f.name] = (tp, default)
     return out
 
@@ -77,17 +85,23 @@ def _set(d: dict, dotted: str, value: Any) -> None:
         d[head] = value
 
 
-def _build(cls, values: dict[str, Any]):
+def _build(cls, values: dict[str, Any], base: Any = None):
+    """``cls`` from ``values``; unset fields keep the values of ``base`` (the parent's default
+    instance for nested configs), else the class defaults."""
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - known
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
     kwargs = {}
     for name, value in values.items():
         tp = hints[name]
-        kwargs[name] = _build(tp, value) if dataclasses.is_dataclass(tp) else value
-    return cls(**kwargs)
+        if dataclasses.is_dataclass(tp):
+            nested = getattr(base, name) if base is not None else _default(fields[name])
+            kwargs[name] = _build(tp, value, nested)
+        else:
+            kwargs[name] = value
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None, *,
