@@ -102,20 +102,22 @@ def parse_setting(setting: str) -> tuple[float, str]:
     return float(setting), "unstructured"
 
 
-def elsa_optimizer(cfg: ElsaConfig, sparsity: float, structure: str,
-                   state_dtype: str | None = None) -> optax.GradientTransformation:
+def elsa_optimizer(cfg: ElsaConfig, sparsity: float,
+                   structure: str) -> optax.GradientTransformation:
     """``clip → adamw → elsa`` with decoupled coupling: every step removes ``ρ_t`` of
     ``W − Z + U`` after the Adam update (ρ_t ramps from ``rho`` to ``rho·rho_factor``)."""
     schedule = rho_ramp(cfg.rho_ramp, cfg.train.steps, cfg.rho_factor)
     sparsify = elsa(sparsity, cfg.rho, structure=structure, interval=cfg.interval,
-                    weighted=cfg.weighted, state_dtype=state_dtype or cfg.state_dtype,
+                    weighted=cfg.weighted, state_dtype=cfg.state_dtype,
                     mask=PRUNED, rho_schedule=schedule, coupling="decoupled",
                     halt_on_nonfinite=True)
     return optax.chain(optax.clip_by_global_norm(cfg.train.grad_clip), adamw(cfg.train),
                        sparsify)
 
 
-def held_out_perplexity(cfg: ElsaConfig, graphdef, params, tokens: np.ndarray) -> float:
+def held_out_perplexity(cfg: ElsaConfig, model_config, params, tokens: np.ndarray) -> float:
+    """Perplexity on ``cfg.eval_batches`` windows of ``tokens`` (the held-out split)."""
+    graphdef, _ = abstract_params(model_config)
     batches = eval_batches(tokens, batch_size=cfg.eval_batch_size, seq_len=cfg.eval_seq_len,
                            max_batches=cfg.eval_batches or None)
     return perplexity(make_nll_sum(graphdef), params, batches)
@@ -133,27 +135,24 @@ def run_method(cfg: ElsaConfig, method: str, setting: str, model, corpus, calibr
                out: Path) -> dict:
     """Prune with one method at one setting; save the checkpoint; return the result row."""
     sparsity, structure = parse_setting(setting)
-    graphdef, _ = abstract_params(model.config)
     t0 = time.perf_counter()
     history = None
     if method == "elsa":
-        tx = elsa_optimizer(cfg, sparsity if structure == "unstructured" else 0.0, structure)
+        tx = elsa_optimizer(cfg, sparsity, structure)
         result = train(model.config, corpus, out / "train", cfg.train, tx,
                        tokenizer=model.tokenizer, init=model.params,
                        state_metrics=lambda s: admm_metrics(s, sparsity_metrics,
                                                             per_block=False))
-        params, masks = finalize(result.params, result.opt_state,
-                                 sparsity if structure == "unstructured" else 0.0, structure,
+        params, masks = finalize(result.params, result.opt_state, sparsity, structure,
                                  weighted=cfg.weighted)
         history = result.history
     else:
-        params, masks = prune(model.config, model.params,
-                              None if method == "magnitude" else calibration,
-                              method=method, sparsity=sparsity, structure=structure,
+        params, masks = prune(model.config, model.params, calibration, method=method,
+                              sparsity=sparsity, structure=structure,
                               blocksize=cfg.sparsegpt_blocksize, percdamp=cfg.sparsegpt_damp)
     params = jax.block_until_ready(params)
     seconds = time.perf_counter() - t0
-    ppl = held_out_perplexity(cfg, graphdef, params, corpus.val)
+    ppl = held_out_perplexity(cfg, model.config, params, corpus.val)
     save_model(out / "model", params, model_config=model.config, tokenizer=model.tokenizer,
                meta={**corpus_meta(corpus), "method": method, "setting": setting})
     row = {"method": method, "setting": setting, "sparsity": measured_sparsity(params, masks),
@@ -166,13 +165,12 @@ def run_method(cfg: ElsaConfig, method: str, setting: str, model, corpus, calibr
 
 def dense_reference(cfg: ElsaConfig, model, corpus, out: Path) -> dict:
     """The dense model fine-tuned with ELSA's optimizer and budget but no constraint."""
-    graphdef, _ = abstract_params(model.config)
     t0 = time.perf_counter()
     tx = optax.chain(optax.clip_by_global_norm(cfg.train.grad_clip), adamw(cfg.train))
     result = train(model.config, corpus, out / "train", cfg.train, tx,
                    tokenizer=model.tokenizer, init=model.params)
     return {"method": "dense fine-tuned", "setting": "dense", "sparsity": 0.0,
-            "ppl": held_out_perplexity(cfg, graphdef, result.params, corpus.val),
+            "ppl": held_out_perplexity(cfg, model.config, result.params, corpus.val),
             "seconds": time.perf_counter() - t0}
 
 
@@ -315,9 +313,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model = load_pretrained(cfg)
     corpus = prepare_corpus(cfg.corpus, tokenizer=model.tokenizer)
     calibration = calibration_samples(corpus, cfg.n_calibration, cfg.calibration_len, seed=0)
-    graphdef, _ = abstract_params(model.config)
     dense = _cached(root / "dense.json", cfg, "dense", lambda: {
-        "ppl": held_out_perplexity(cfg, graphdef, model.params, corpus.val)})
+        "ppl": held_out_perplexity(cfg, model.config, model.params, corpus.val)})
     print(f"dense held-out perplexity {dense['ppl']:.2f}", flush=True)
     memory = memory_table(cfg, model)
     rows = []

@@ -2,5 +2,26 @@
 pytest-xdist workers share them; oversubscribed OpenBLAS makes small SVDs 100× slower)."""
 
 import os
+import subprocess
+import sys
+
+import pytest
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def run_on_cpu_devices():
+    """``run(script, n_devices, timeout=600) -> stdout``: run a Python script in a fresh process
+    that sees ``n_devices`` fake CPU devices (``--xla_force_host_platform_device_count`` only
+    takes effect before JAX starts, and this process's JAX has already started)."""
+
+    def run(script: str, n_devices: int, timeout: int = 600) -> str:
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}",
+               "JAX_PLATFORMS": "cpu"}
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              env=env, timeout=timeout)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    return run

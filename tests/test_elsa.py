@@ -1,8 +1,5 @@
 """ELSA split: planted sparse support recovery on least squares, N:M, finalize exactness."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -199,7 +196,7 @@ def test_elsa_low_precision_states_train_and_shrink_memory(dtype, per_param):
     assert memory["per_param"] == pytest.approx(per_param + 5.0, abs=0.1)
 
 
-def test_elsa_on_parameters_sharded_over_a_mesh():
+def test_elsa_on_parameters_sharded_over_a_mesh(run_on_cpu_devices):
     """ELSA (global scope, fp8 states) on row-sharded params over 4 devices: same trajectory and
     masks as unsharded, and Z stays sharded like the params."""
     script = textwrap.dedent("""
@@ -241,8 +238,5 @@ def test_elsa_on_parameters_sharded_over_a_mesh():
         assert kept == 64 * 32 + 32 * 16 - int(0.8 * (64 * 32 + 32 * 16))
         print("ok")
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    stdout = run_on_cpu_devices(script, 4, timeout=300)
+    assert stdout.strip().endswith("ok")

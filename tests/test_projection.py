@@ -1,8 +1,5 @@
 """Sparsity projections against sort-based references: per tensor, N:M, global bisection."""
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -237,7 +234,7 @@ def test_global_projection_stores_no_scores():
     assert analysis.temp_size_in_bytes < scores_bytes / 8, analysis.temp_size_in_bytes
 
 
-def test_sharded_projections_match_unsharded():
+def test_sharded_projections_match_unsharded(run_on_cpu_devices):
     """On 8 CPU devices, scores sharded in several ways (2-D mesh, either axis, replicated):
     global (with and without ``score_fn``, with ties), per-tensor and N:M masks equal the
     unsharded ones, come out sharded like their inputs, and the compiled global projection
@@ -285,8 +282,5 @@ def test_sharded_projections_match_unsharded():
         check([jax.jit(lambda x: nm_mask(x, 2, 4))(x)], [nm_mask(tied[0], 2, 4)], specs[:1])
         print("ok")
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    stdout = run_on_cpu_devices(script, 8, timeout=600)
+    assert stdout.strip().endswith("ok")

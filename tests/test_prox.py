@@ -1,10 +1,7 @@
 """Proximal operators: optimality conditions, closed forms, batching, fast-vs-exact accuracy, jit,
 input validation."""
 
-import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -295,7 +292,7 @@ def test_traced_arguments_skip_validation():
 # --- sharded weights -------------------------------------------------------------------------
 
 
-def test_svt_subspace_on_sharded_weights():
+def test_svt_subspace_on_sharded_weights(run_on_cpu_devices):
     """The matmul-only path runs on a weight sharded over rows (4 CPU devices) and keeps its
     sharding; the result matches the unsharded one."""
     script = textwrap.dedent(f"""
@@ -315,8 +312,5 @@ def test_svt_subspace_on_sharded_weights():
         assert float(jnp.abs(out - ref).max()) < 1e-4
         print("ok")
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    stdout = run_on_cpu_devices(script, 4, timeout=300)
+    assert stdout.strip().endswith("ok")

@@ -100,7 +100,7 @@ def test_bad_train_inputs(corpus, tmp_path):
         small_cfg(steps=0)
 
 
-def test_data_parallel_matches_single_device(tmp_path):
+def test_data_parallel_matches_single_device(tmp_path, run_on_cpu_devices):
     script = textwrap.dedent(f"""
         import json, sys, jax
         sys.path.insert(0, {str(REPO)!r})
@@ -121,12 +121,8 @@ def test_data_parallel_matches_single_device(tmp_path):
             out[n] = [h["loss"] for h in r.history]
         print(json.dumps(out))
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = json.loads(proc.stdout.strip().splitlines()[-1])
+    stdout = run_on_cpu_devices(script, 8, timeout=600)
+    losses = json.loads(stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(losses["8"], losses["1"], rtol=1e-5)
 
 

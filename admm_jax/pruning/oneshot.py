@@ -126,17 +126,13 @@ def magnitude_prune(w: Array, *, sparsity: float = 0.5,
 # Wanda
 # ---------------------------------------------------------------------------------------------
 
-def _column_topk_mask(score: Array, k: int) -> Array:
-    """Bool mask of the ``k`` largest entries of every column (ties: lowest row first)."""
-    _, idx = lax.top_k(score.T, k)  # [out, k]
-    keep = jnp.put_along_axis(jnp.zeros(score.T.shape, bool), idx, True, axis=-1, inplace=False)
-    return keep.T
-
-
 @functools.partial(jax.jit, static_argnames=("k", "nm"))
 def _wanda(w: Array, sqnorm: Array, *, k: int, nm: NM) -> tuple[Array, Array]:
     score = jnp.abs(w).astype(jnp.float32) * jnp.sqrt(sqnorm.astype(jnp.float32))[:, None]
-    keep = _column_topk_mask(score, k) if nm is None else nm_mask(score, *nm)
+    if nm is None:  # top-k within every output column (ties: lowest row first)
+        keep = jax.vmap(topk_mask, in_axes=(1, None), out_axes=1)(score, k)
+    else:
+        keep = nm_mask(score, *nm)
     return jnp.where(keep, w, 0), keep
 
 
