@@ -6,17 +6,17 @@ The public API, by concept:
 * SALAAD: :func:`slr_admm`, :func:`slr_split`, :class:`ControllerConfig`, :func:`i_controller`,
   :func:`allocate` / :func:`deploy` (HPA), surrogates (:func:`block_surrogate`, ...)
 * ELSA: :func:`elsa`, :func:`sparsity_split`, :func:`finalize`, :func:`masked_updates`;
-  projections in :mod:`admm_jax.projection`; ELSA-L storage :class:`StateStorage`,
+  projections in :mod:`admm_jax.ops.projection`; ELSA-L storage :class:`StateStorage`,
   :func:`state_memory`
 * proximal operators: :func:`soft_threshold`, :func:`svt`, :func:`svt_subspace`, ...
 * one-shot pruning: :func:`prune` (magnitude, Wanda, SparseGPT) over the layer-by-layer capture
   :func:`capture_blocks`; more in :mod:`admm_jax.pruning`
 * robust PCA: :func:`rpca`
 * models, data, training and checkpoints: :mod:`admm_jax.models`, :mod:`admm_jax.data`,
-  :mod:`admm_jax.train`, :mod:`admm_jax.checkpoint`
+  :mod:`admm_jax.training.loop`, :mod:`admm_jax.training.checkpoint`
 """
 
-from admm_jax.admm import (
+from admm_jax.core import (
     ADMMState,
     BlockState,
     Split,
@@ -26,10 +26,9 @@ from admm_jax.admm import (
     state_memory,
     tanh_ramp,
 )
-from admm_jax.controller import ControllerConfig, i_controller
+from admm_jax.core.storage import StateStorage
 from admm_jax.elsa import elsa, finalize, masked_updates, sparsity_split
-from admm_jax.hpa import Allocation, allocate, deploy
-from admm_jax.prox import (
+from admm_jax.ops.prox import (
     LowRank,
     density,
     effective_rank,
@@ -38,6 +37,7 @@ from admm_jax.prox import (
     svt,
     svt_subspace,
 )
+from admm_jax.ops.rpca import RPCAResult, rpca
 from admm_jax.pruning import (
     capture_blocks,
     magnitude_prune,
@@ -45,10 +45,10 @@ from admm_jax.pruning import (
     sparsegpt_prune,
     wanda_prune,
 )
-from admm_jax.rpca import RPCAResult, rpca
-from admm_jax.slr import SLRState, slr_admm, slr_components, slr_split
-from admm_jax.storage import StateStorage
-from admm_jax.surrogate import (
+from admm_jax.salaad.controller import ControllerConfig, i_controller
+from admm_jax.salaad.hpa import Allocation, allocate, deploy
+from admm_jax.salaad.split import SLRState, slr_admm, slr_components, slr_split
+from admm_jax.salaad.surrogate import (
     BlockSurrogate,
     block_surrogate,
     load_surrogate,

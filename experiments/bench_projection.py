@@ -5,7 +5,7 @@
 On the parameter pytree of a model preset (``60m``: 58 M parameters, random weights), keep the
 ``(1 − sparsity)`` fraction of entries with the largest magnitude across all leaves:
 
-* ours — :func:`admm_jax.projection.global_topk_masks` with ``score_fn=jnp.square``: the k-th
+* ours — :func:`admm_jax.ops.projection.global_topk_masks` with ``score_fn=jnp.square``: the k-th
   largest score by 32 bisection steps on counts (each an elementwise compare and count, the
   score recomputed inside it), then ``score ≥ t``; exact k with deterministic ties;
 * baseline — the sort-based projection of existing JAX ADMM pruners: concatenate every score,
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from admm_jax.models.llama import LlamaConfig, abstract_params
-from admm_jax.projection import global_threshold, global_topk_masks, keep_count
+from admm_jax.ops.projection import global_threshold, global_topk_masks, keep_count
 from experiments.benchmarking import interleaved_medians, report
 from experiments.cli import parse_config
 

@@ -4,8 +4,8 @@
 
 (a) Amortized seconds per training step of ``clip → slr_admm → adamw`` (K = 2, subspace and
     exact SVD back-ends) against plain ``clip → adamw`` on the same model and batch.
-(b) Time and relative error of the fast nuclear-norm prox (:func:`admm_jax.prox.svt_subspace`,
-    warm-started as in training) against the exact SVD prox (:func:`admm_jax.prox.svt`) on
+(b) Time and relative error of the fast nuclear-norm prox (:func:`admm_jax.ops.prox.svt_subspace`,
+    warm-started as in training) against the exact SVD prox (:func:`admm_jax.ops.prox.svt`) on
     1024×1024 and 2048×512 matrices at a 25 % rank cap.
 
 Timings are medians over rounds in which the contenders run interleaved, so background load
@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from admm_jax import prox
 from admm_jax.models.llama import LlamaConfig, init_params
-from admm_jax.slr import slr_admm
-from admm_jax.train import TrainConfig, adamw, make_train_step
+from admm_jax.ops import prox
+from admm_jax.salaad.split import slr_admm
+from admm_jax.training.loop import TrainConfig, adamw, make_train_step
 from experiments.benchmarking import interleaved_medians, report
 from experiments.cli import parse_config
 

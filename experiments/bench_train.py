@@ -24,7 +24,7 @@ from admm_jax.models.llama import (
     init_params,
 )
 from admm_jax.models.pretrained import load_smollm2
-from admm_jax.train import TrainConfig, default_optimizer, make_train_step
+from admm_jax.training.loop import TrainConfig, default_optimizer, make_train_step
 from experiments.benchmarking import interleaved_medians, report
 from experiments.cli import parse_config
 

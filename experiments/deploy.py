@@ -5,10 +5,10 @@
         --text held_out.txt --out runs/salaad-tiny-30pct
 
 Loads the checkpoint's dense model and its surrogate (``<checkpoint>/surrogate/``, see
-:mod:`admm_jax.surrogate`), allocates ``--budget`` (a fraction of the dense parameter count) with
-mixing coefficient ``--kappa`` (:func:`admm_jax.hpa.allocate`), rebuilds the dense weights
-(:func:`admm_jax.hpa.deploy`) and prints ``params: <int>`` — the exact deployed count under the
-convention of :mod:`admm_jax.hpa`. It then evaluates perplexity exactly like
+:mod:`admm_jax.salaad.surrogate`), allocates ``--budget`` (a fraction of the dense parameter count) with
+mixing coefficient ``--kappa`` (:func:`admm_jax.salaad.hpa.allocate`), rebuilds the dense weights
+(:func:`admm_jax.salaad.hpa.deploy`) and prints ``params: <int>`` — the exact deployed count under the
+convention of :mod:`admm_jax.salaad.hpa`. It then evaluates perplexity exactly like
 ``python -m experiments.evaluate`` (on ``--text`` or the checkpoint's validation split) and
 prints ``perplexity: <float>`` as its last line. Allocation + reconstruction time goes to stderr.
 
@@ -25,9 +25,9 @@ import time
 
 import jax
 
-from admm_jax.checkpoint import LoadedModel, load_model, resolve_checkpoint_dir, save_model
-from admm_jax.hpa import Allocation, allocate, deploy
-from admm_jax.surrogate import load_surrogate
+from admm_jax.salaad.hpa import Allocation, allocate, deploy
+from admm_jax.salaad.surrogate import load_surrogate
+from admm_jax.training.checkpoint import LoadedModel, load_model, resolve_checkpoint_dir, save_model
 from experiments.cli import parse_config
 from experiments.evaluate import EvaluateConfig, evaluate_params
 

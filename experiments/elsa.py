@@ -44,16 +44,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optax
 
-from admm_jax.admm import admm_metrics, rho_ramp, state_memory
-from admm_jax.checkpoint import load_model, save_model
+from admm_jax.core.admm import admm_metrics, rho_ramp, state_memory
+from admm_jax.core.tree import path_str
 from admm_jax.data import calibration_samples, corpus_meta, eval_batches, prepare_corpus
 from admm_jax.elsa import elsa, finalize, sparsity_metrics
-from admm_jax.lm import make_nll_sum, perplexity
 from admm_jax.models.llama import abstract_params
 from admm_jax.models.pretrained import PRETRAINED, PretrainedModel
 from admm_jax.pruning import prune
-from admm_jax.train import TrainConfig, adamw, train
-from admm_jax.tree import path_str
+from admm_jax.training.checkpoint import load_model, save_model
+from admm_jax.training.lm import make_nll_sum, perplexity
+from admm_jax.training.loop import TrainConfig, adamw, train
 from experiments.cli import parse_config, to_dict
 from experiments.runs import markdown_table, plot_training, run_dir, write_json
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import jax
 
-from admm_jax.checkpoint import load_model
 from admm_jax.data import encode_text, eval_batches, prepare_corpus
-from admm_jax.lm import make_nll_sum, perplexity
 from admm_jax.models.llama import LlamaConfig, abstract_params
 from admm_jax.models.pretrained import PRETRAINED
+from admm_jax.training.checkpoint import load_model
+from admm_jax.training.lm import make_nll_sum, perplexity
 from experiments.cli import parse_config
 
 

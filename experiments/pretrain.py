@@ -14,9 +14,9 @@ import sys
 import time
 
 from admm_jax.data import prepare_corpus
-from admm_jax.lm import unigram_perplexity
 from admm_jax.models.llama import LlamaConfig, abstract_params, count_params
-from admm_jax.train import TrainConfig, train
+from admm_jax.training.lm import unigram_perplexity
+from admm_jax.training.loop import TrainConfig, train
 from experiments.cli import parse_config, to_dict
 from experiments.runs import markdown_table, plot_training, run_dir, write_json
 

@@ -7,7 +7,7 @@
    (``clip → slr_admm → adamw``), logging per-block effective-rank ratio, density and residual
    ``‖X − L − S‖/‖X‖``.
 2. Export the surrogates: SALAAD's L + S from its optimizer state; for the dense model, robust PCA
-   (:func:`admm_jax.rpca.rpca`) of every constrained block, post hoc.
+   (:func:`admm_jax.ops.rpca.rpca`) of every constrained block, post hoc.
 3. Deploy both with Homomorphic Parameter Allocation at a sweep of budgets and evaluate validation
    perplexity.
 
@@ -30,24 +30,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import optax
 
-from admm_jax.admm import admm_metrics
-from admm_jax.checkpoint import resolve_checkpoint_dir
-from admm_jax.controller import ControllerConfig
+from admm_jax.core.admm import admm_metrics
+from admm_jax.core.tree import path_str, select, selected_paths
 from admm_jax.data import TokenizedCorpus, corpus_meta, eval_batches, prepare_corpus
-from admm_jax.hpa import allocate, deploy
-from admm_jax.lm import make_nll_sum, perplexity
 from admm_jax.models.llama import LlamaConfig, abstract_params, count_params
-from admm_jax.rpca import rpca_tree
-from admm_jax.slr import slr_admm, slr_components, slr_metrics
-from admm_jax.surrogate import (
+from admm_jax.ops.rpca import rpca_tree
+from admm_jax.salaad.controller import ControllerConfig
+from admm_jax.salaad.hpa import allocate, deploy
+from admm_jax.salaad.split import slr_admm, slr_components, slr_metrics
+from admm_jax.salaad.surrogate import (
     Surrogate,
     block_surrogate,
     has_surrogate,
     load_surrogate,
     save_surrogate,
 )
-from admm_jax.train import TrainConfig, adamw, train
-from admm_jax.tree import path_str, select, selected_paths
+from admm_jax.training.checkpoint import resolve_checkpoint_dir
+from admm_jax.training.lm import make_nll_sum, perplexity
+from admm_jax.training.loop import TrainConfig, adamw, train
 from experiments.cli import parse_config, to_dict
 from experiments.runs import markdown_table, run_dir, write_json
 
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
         + (f"; post-hoc RPCA {timings['rpca_s']:.0f}s" if "rpca_s" in timings else "")
         + "\n\n"
         f"Validation perplexity after HPA deployment at each budget (fraction of the dense "
-        f"parameter count; counts per the convention of `admm_jax.hpa`):\n\n{table}\n"
+        f"parameter count; counts per the convention of `admm_jax.salaad.hpa`):\n\n{table}\n"
         f"![budget curve](budget.png)\n\n![per-block structure](blocks.png)\n")
     (out / "summary.md").write_text(summary)
     results_path = Path(cfg.results)

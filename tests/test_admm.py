@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from admm_jax.admm import (
+from admm_jax.core.admm import (
     ADMMState,
     Split,
     admm,
@@ -16,8 +16,8 @@ from admm_jax.admm import (
     find_admm_states,
     tanh_ramp,
 )
+from admm_jax.core.tree import select, selected_paths
 from admm_jax.models.llama import LlamaConfig, abstract_params
-from admm_jax.tree import select, selected_paths
 
 A = jnp.asarray(np.random.default_rng(0).normal(size=(6, 5)), jnp.float32)
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from admm_jax.train import TrainConfig
+from admm_jax.training.loop import TrainConfig
 from experiments.cli import parse_config
 
 

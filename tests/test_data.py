@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import tokenizers
 
-from admm_jax import data
 from admm_jax.data import (
     EOS_TOKEN,
     MIN_VOCAB_SIZE,
@@ -29,6 +28,7 @@ from admm_jax.data import (
     split_documents,
     train_tokenizer,
 )
+from admm_jax.data import corpus as data
 
 WORDS = ("the king queen crown sword night day love death river stone light dark song "
          "café naïve über façade Ægir señor").split()

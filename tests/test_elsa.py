@@ -8,10 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from admm_jax.admm import admm_metrics, rho_ramp, state_memory
+from admm_jax.core.admm import admm_metrics, rho_ramp, state_memory
+from admm_jax.core.storage import StateStorage, Stored, storage_dtype
 from admm_jax.elsa import elsa, finalize, masked_updates, sparsity_metrics, sparsity_split
-from admm_jax.projection import topk_mask
-from admm_jax.storage import StateStorage, Stored, storage_dtype
+from admm_jax.ops.projection import topk_mask
 
 
 def planted_problem(seed=0, d_in=64, d_out=8, n=40, sparsity=0.9):
@@ -202,7 +202,7 @@ def test_elsa_on_parameters_sharded_over_a_mesh(run_on_cpu_devices):
     script = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np, optax
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from admm_jax.admm import block_states, find_admm_states
+        from admm_jax.core.admm import block_states, find_admm_states
         from admm_jax.elsa import elsa, finalize
         assert jax.device_count() == 4
         rng = np.random.default_rng(0)

@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from admm_jax.checkpoint import save_model
 from admm_jax.data import corpus_meta, prepare_corpus
 from admm_jax.models.llama import LlamaConfig, init_params
+from admm_jax.training.checkpoint import save_model
 from experiments import deploy, evaluate, salaad
 from experiments import elsa as elsa_experiment
 

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from admm_jax.checkpoint import load_model, save_model
 from admm_jax.data import Document, train_tokenizer
-from admm_jax.hpa import (
+from admm_jax.models.llama import LlamaConfig, count_params, forward, init_params
+from admm_jax.salaad.hpa import (
     Allocation,
     allocate,
     block_cost,
@@ -19,8 +19,7 @@ from admm_jax.hpa import (
     minimum_budget,
     param_count,
 )
-from admm_jax.models.llama import LlamaConfig, count_params, forward, init_params
-from admm_jax.surrogate import (
+from admm_jax.salaad.surrogate import (
     SURROGATE_DIR,
     block_surrogate,
     load_surrogate,
@@ -29,6 +28,7 @@ from admm_jax.surrogate import (
     save_surrogate,
     surrogate_from_trees,
 )
+from admm_jax.training.checkpoint import load_model, save_model
 
 NANO = LlamaConfig.preset("nano")
 TEXT = ("the king and queen walk to the castle where a knight keeps watch over seven towers of "

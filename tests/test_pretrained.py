@@ -20,7 +20,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from admm_jax.assets import fetch_pypi_file, fetch_pypi_tree
+from admm_jax.data.assets import fetch_pypi_file, fetch_pypi_tree
 from admm_jax.models.llama import LlamaConfig, abstract_params, forward, init_params
 from admm_jax.models.pretrained import (
     PRETRAINED,

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from admm_jax import projection
-from admm_jax.projection import (
+from admm_jax.ops import projection
+from admm_jax.ops.projection import (
     global_threshold,
     global_topk_masks,
     keep_count,
@@ -244,7 +244,7 @@ def test_sharded_projections_match_unsharded(run_on_cpu_devices):
         sys.path.insert(0, {str(REPO)!r})
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from admm_jax.projection import global_topk_masks, nm_mask, scores_of, topk_mask
+        from admm_jax.ops.projection import global_topk_masks, nm_mask, scores_of, topk_mask
         assert jax.device_count() == 8, jax.devices()
         mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
         specs = [P("a", "b"), P(None, ("a", "b")), P("b"), P(), P("a", None, "b")]

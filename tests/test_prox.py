@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from admm_jax import prox
+from admm_jax.ops import prox
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -300,7 +300,7 @@ def test_svt_subspace_on_sharded_weights(run_on_cpu_devices):
         sys.path.insert(0, {str(REPO)!r})
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from admm_jax import prox
+        from admm_jax.ops import prox
         assert jax.device_count() == 4, jax.devices()
         mesh = Mesh(np.array(jax.devices()), ("rows",))
         rng = np.random.default_rng(0)

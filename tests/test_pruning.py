@@ -20,7 +20,7 @@ from flax import nnx
 from admm_jax.data import calibration_samples, prepare_corpus
 from admm_jax.models.llama import LlamaConfig, forward, init_params
 from admm_jax.models.pretrained import PretrainedModel, load_smollm2
-from admm_jax.projection import keep_count
+from admm_jax.ops.projection import keep_count
 from admm_jax.pruning import (
     INPUT_SITES,
     LINEAR_INPUTS,

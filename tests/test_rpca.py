@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from admm_jax import prox
-from admm_jax.rpca import RPCAResult, rpca, rpca_tree
+from admm_jax.ops import prox
+from admm_jax.ops.rpca import RPCAResult, rpca, rpca_tree
 
 
 def planted(m, n, rank, fraction, seed):

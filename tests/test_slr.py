@@ -9,11 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from admm_jax import prox
-from admm_jax.admm import admm_metrics, block_states, find_admm_states
-from admm_jax.controller import ControllerConfig, i_controller
+from admm_jax.core.admm import admm_metrics, block_states, find_admm_states
 from admm_jax.models.llama import LlamaConfig, init_params
-from admm_jax.slr import slr_admm, slr_components, slr_metrics, slr_split
+from admm_jax.ops import prox
+from admm_jax.salaad.controller import ControllerConfig, i_controller
+from admm_jax.salaad.split import slr_admm, slr_components, slr_metrics, slr_split
 
 
 def test_controller_moves_weights_toward_targets():
@@ -101,7 +101,7 @@ def test_slr_in_chain_on_llama_runs_and_reports_metrics():
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      slr_admm(rho=1e-3, interval=2, svd="subspace"), optax.adamw(3e-3))
     state = tx.init(params)
-    from admm_jax.lm import next_token_loss
+    from admm_jax.training.lm import next_token_loss
 
     @jax.jit
     def step(params, state, batch):
@@ -124,7 +124,7 @@ def test_slr_in_chain_on_llama_runs_and_reports_metrics():
 def test_slr_in_training_loop_with_donation(tmp_path):
     """The train step donates params and optimizer state: the SALAAD state must not alias them."""
     from admm_jax.data import prepare_corpus
-    from admm_jax.train import TrainConfig, train
+    from admm_jax.training.loop import TrainConfig, train
 
     texts = tmp_path / "texts"
     texts.mkdir()

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from admm_jax.checkpoint import Checkpointer, NonFiniteError, load_model, save_model
 from admm_jax.data import prepare_corpus
 from admm_jax.models.llama import LlamaConfig, init_params
-from admm_jax.train import TrainConfig, train
+from admm_jax.training.checkpoint import Checkpointer, NonFiniteError, load_model, save_model
+from admm_jax.training.loop import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 NANO = LlamaConfig.preset("nano", max_seq_len=64)
@@ -107,8 +107,8 @@ def test_data_parallel_matches_single_device(tmp_path, run_on_cpu_devices):
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from pathlib import Path
         from admm_jax.data import prepare_corpus
-        from admm_jax.sharding import data_mesh
-        from admm_jax.train import train
+        from admm_jax.training.sharding import data_mesh
+        from admm_jax.training.loop import train
         from test_train import NANO, small_cfg, write_corpus
         assert jax.device_count() == 8, jax.devices()
         base = Path({str(tmp_path)!r})
@@ -164,7 +164,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(corpus, tmp_path):
     script = textwrap.dedent(f"""
         import sys, jax, jax.numpy as jnp
         sys.path.insert(0, {str(REPO)!r})
-        from admm_jax.checkpoint import Checkpointer
+        from admm_jax.training.checkpoint import Checkpointer
         from admm_jax.data import load_tokenizer
         from admm_jax.models.llama import LlamaConfig, abstract_params
         cfg = LlamaConfig.from_dict({cfg.to_dict()!r})

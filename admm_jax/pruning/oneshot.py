@@ -42,7 +42,7 @@ from jax import lax
 from tqdm.auto import tqdm
 
 from admm_jax.models.llama import LlamaConfig
-from admm_jax.projection import keep_count, nm_mask, parse_structure, topk_mask
+from admm_jax.ops.projection import keep_count, nm_mask, parse_structure, topk_mask
 from admm_jax.pruning.capture import (
     LINEAR_INPUTS,
     CapturedBlock,
@@ -179,7 +179,7 @@ def _block_counts(d_in: int, d_out: int, sparsity: float, blocksize: int,
                   n_blocks: int) -> np.ndarray:
     """Entries to prune in each block of ``blocksize`` inputs: ``⌊s·out·r_b⌋ − ⌊s·out·r_{b−1}⌋``
     with ``r_b = min((b + 1)·blocksize, in)``, so the blocks together prune exactly
-    ``⌊s·in·out⌋`` entries (the per-tensor count of :func:`~admm_jax.projection.keep_count`)."""
+    ``⌊s·in·out⌋`` entries (the per-tensor count of :func:`~admm_jax.ops.projection.keep_count`)."""
     ends = np.minimum(np.arange(n_blocks + 1) * blocksize, d_in)
     pruned = np.array([int(sparsity * (d_out * int(r))) for r in ends])
     return np.diff(pruned).astype(np.int32)

@@ -4,7 +4,7 @@ The loop is method-agnostic: dense AdamW, SALAAD, ELSA or PISA plug in as the ``
 Batches are a pure function of ``(seed, step)`` (:func:`admm_jax.data.get_batch`), so the data
 position is the step number and resuming from a checkpoint reproduces an uninterrupted run
 bit-exactly. With several devices the batch is sharded over a ``data`` mesh axis
-(:mod:`admm_jax.sharding`).
+(:mod:`admm_jax.training.sharding`).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import tokenizers
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from admm_jax import sharding
-from admm_jax.checkpoint import Checkpointer
 from admm_jax.data import TokenizedCorpus, corpus_meta, eval_batches, get_batch
-from admm_jax.lm import make_nll_sum, next_token_loss, perplexity
 from admm_jax.models.llama import LlamaConfig, init_params
+from admm_jax.training import sharding
+from admm_jax.training.checkpoint import Checkpointer
+from admm_jax.training.lm import make_nll_sum, next_token_loss, perplexity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +165,7 @@ def train(model_config: LlamaConfig, corpus: TokenizedCorpus, run_dir: str | os.
         state_metrics: ``opt_state -> {name: scalar}`` logged every ``log_every`` steps (ADMM
             transforms expose per-block metrics this way).
         mesh: device mesh with a ``data`` axis (default: all devices, see
-            :func:`admm_jax.sharding.data_mesh`); the batch is sharded over it.
+            :func:`admm_jax.training.sharding.data_mesh`); the batch is sharded over it.
         stop_after: end this invocation (with a checkpoint) after this global step, to split
             one run into several sessions; a later call with the same config resumes it.
         progress: show a tqdm bar with loss and tokens/s.

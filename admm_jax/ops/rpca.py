@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from admm_jax import prox
-from admm_jax.tree import path_str
+from admm_jax.core.tree import path_str
+from admm_jax.ops import prox
 
 Array = jax.Array
 
@@ -77,8 +77,8 @@ def rpca(m: jax.typing.ArrayLike, *, lam: float | Array | None = None,
             stalls at its rounding floor (≈ 7e-7 for 500 × 500), above 1e-7, so the default
             there is the attainable ``√min(m, n)·ε`` (2.7e-6 for 500 × 500).
         max_iter: iteration limit ≥ 1.
-        svd: ``"exact"`` (:func:`admm_jax.prox.svt`) or ``"subspace"``
-            (:func:`admm_jax.prox.svt_subspace` warm-started from the previous iterate's factors;
+        svd: ``"exact"`` (:func:`admm_jax.ops.prox.svt`) or ``"subspace"``
+            (:func:`admm_jax.ops.prox.svt_subspace` warm-started from the previous iterate's factors;
             needs ``rank_cap``, at least the rank of L, and ``key``).
         rank_cap: static rank cap of the subspace back-end, in ``[1, min(m, n)]``.
         n_iter: static subspace iterations per SVT of the subspace back-end (≥ 0).

@@ -1,23 +1,23 @@
 """SALAAD: sparse + low-rank (SLR) induction as an ADMM split.
 
 Each constrained block X is coupled to Z = L + S, a low-rank part L and a sparse part S. Stage 2
-of :func:`admm_jax.admm.admm` with this split runs one alternating pass (J = 1) over
+of :func:`admm_jax.core.admm.admm` with this split runs one alternating pass (J = 1) over
 
     S ← prox_{(β/ρ)‖·‖₁}(V − L)      (soft-threshold)
     L ← prox_{(α/ρ)‖·‖_*}(V − S)     (singular-value soft-threshold)
 
 on V = X + U (the official code's order, S before L; ``order="low_rank_first"`` swaps it), then
 measures the effective-rank ratio Γ of L (energy γ) and the density Υ of S and lets the
-I-controller (:mod:`admm_jax.controller`) move α and β toward the targets.
+I-controller (:mod:`admm_jax.salaad.controller`) move α and β toward the targets.
 
 L is kept dense and S dense (static shapes under jit); the compact surrogate (factors of L,
 values + indices of S) is exported once after training (:func:`slr_components`,
-:mod:`admm_jax.surrogate`).
+:mod:`admm_jax.salaad.surrogate`).
 
 Two SVD back-ends: ``svd="exact"`` (``jnp.linalg.svd`` of every block, like the official code)
 and ``svd="subspace"``, a randomized subspace iteration warm-started from the previous stage's
 singular vectors with a rank cap of ``rank_cap_ratio·min(m, n)``
-(:func:`admm_jax.prox.svt_subspace`); it is matmul-only and works on sharded weights.
+(:func:`admm_jax.ops.prox.svt_subspace`); it is matmul-only and works on sharded weights.
 
 Initialisation (not specified by the paper; our choice): L = X, S = 0, α = β = 0, so Z = X and
 the coupling starts at zero; the controller then raises the thresholds from zero.
@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from admm_jax import prox
-from admm_jax.admm import Split, admm, block_states, find_admm_states
-from admm_jax.controller import ControllerConfig, i_controller
-from admm_jax.tree import SelectionSpec
+from admm_jax.core.admm import Split, admm, block_states, find_admm_states
+from admm_jax.core.tree import SelectionSpec
+from admm_jax.ops import prox
+from admm_jax.salaad.controller import ControllerConfig, i_controller
 
 Array = jax.Array
 
@@ -136,7 +136,7 @@ def slr_admm(rho: float | Any = 1e-6, *, interval: int = 2, mask: SelectionSpec 
              order: str = "sparse_first", svd: str = "exact", rank_cap_ratio: float = 0.25,
              n_iter: int = 2, seed: int = 0,
              **admm_kwargs) -> optax.GradientTransformationExtraArgs:
-    """SALAAD as an optax transform: :func:`admm_jax.admm.admm` with :func:`slr_split`.
+    """SALAAD as an optax transform: :func:`admm_jax.core.admm.admm` with :func:`slr_split`.
 
     Put it before the base optimizer::
 
@@ -149,7 +149,7 @@ def slr_admm(rho: float | Any = 1e-6, *, interval: int = 2, mask: SelectionSpec 
         interval: K, steps between stage-2 updates (official: 2).
         mask: constrained leaves (default: decoder-layer kernels and the token embedding).
         controller, energy, order, svd, rank_cap_ratio, n_iter, seed: see :func:`slr_split`.
-        **admm_kwargs: forwarded to :func:`admm_jax.admm.admm` (``rho_scaling``, ``n_layers``,
+        **admm_kwargs: forwarded to :func:`admm_jax.core.admm.admm` (``rho_scaling``, ``n_layers``,
             ``rho_schedule``, ``coupling``, ``halt_on_nonfinite``, ...).
     """
     split = slr_split(controller, energy=energy, order=order, svd=svd,

@@ -1,7 +1,7 @@
 """Text corpora, a byte-level BPE tokenizer, tokenized splits, batches and calibration windows.
 
 The pipeline works offline and caches every expensive step under the cache root of
-:func:`admm_jax.assets.cache_dir`::
+:func:`admm_jax.data.assets.cache_dir`::
 
     documents  = load_documents("shakespeare")          # or "kjv", a text file, a directory
     train, val = split_documents(documents)              # by document, never by token
@@ -39,7 +39,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from admm_jax import assets
+from admm_jax.data import assets
 
 EOS_TOKEN = "<|endoftext|>"
 """End-of-document token; id 0 in tokenizers trained by :func:`train_tokenizer`."""
@@ -150,7 +150,7 @@ def load_documents(corpus: str | os.PathLike,
             document, named by its file name) or to a directory (every ``*.txt`` and ``*.md`` file
             below it outside hidden directories, sorted, one document each, named by its relative
             POSIX path). Files are read as UTF-8; a BOM is dropped and newlines become ``\n``.
-        cache_dir: cache root override (see :func:`admm_jax.assets.cache_dir`).
+        cache_dir: cache root override (see :func:`admm_jax.data.assets.cache_dir`).
 
     Returns:
         The documents, in the corpus's canonical order.
@@ -288,7 +288,7 @@ def train_tokenizer(documents: Sequence[Document], vocab_size: int, *,
     Args:
         documents: training documents (non-empty).
         vocab_size: target vocabulary size, at least :data:`MIN_VOCAB_SIZE`.
-        cache_dir: cache root override (see :func:`admm_jax.assets.cache_dir`).
+        cache_dir: cache root override (see :func:`admm_jax.data.assets.cache_dir`).
         corpus_id: label for the cache file name; letters, digits, ``.``, ``_`` and ``-``.
     """
     vocab_size = _check_int("vocab_size", vocab_size, MIN_VOCAB_SIZE)
@@ -443,7 +443,7 @@ def prepare_corpus(corpus: str | os.PathLike, *, vocab_size: int = 8192,
         tokenizer: an existing tokenizer (e.g. a pretrained model's) that has :data:`EOS_TOKEN`.
         val_fraction: fraction of documents held out for validation, in ``(0, 1)``.
         seed: seed of the document split.
-        cache_dir: cache root override (see :func:`admm_jax.assets.cache_dir`).
+        cache_dir: cache root override (see :func:`admm_jax.data.assets.cache_dir`).
     """
     if tokenizer is None:
         vocab_size = _check_int("vocab_size", vocab_size, MIN_VOCAB_SIZE)

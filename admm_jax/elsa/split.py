@@ -4,16 +4,16 @@ The constraint set is ``C = {Z : ‖Z‖₀ ≤ k}`` — per tensor, globally ov
 or an N:M pattern along the input dimension. Its prox is the hard projection that keeps the
 entries with the largest *score*: ``v²``, or ``h·v²`` with the transform's EMA of squared
 gradients ``h`` (a diagonal Hessian estimate; ELSA's objective-aware projection). :func:`elsa`
-is :func:`admm_jax.admm.admm` with this split; :func:`finalize` applies the final hard
+is :func:`admm_jax.core.admm.admm` with this split; :func:`finalize` applies the final hard
 projection and returns the masks; :func:`masked_updates` keeps them fixed during fine-tuning.
 
-* λ schedules (constant, linear, cosine, exponential): :func:`admm_jax.admm.rho_ramp` passed as
+* λ schedules (constant, linear, cosine, exponential): :func:`admm_jax.core.admm.rho_ramp` passed as
   ``rho_schedule``; residual balancing: ``residual_balancing=(1.5, 2.0)`` (ELSA's μ, τ).
 * ELSA-L: ``state_dtype="bf16" | "e4m3" | "e5m2"`` stores Z and U in low precision with
-  per-tensor or per-row fp32 scales (:mod:`admm_jax.storage`); memory is measured from the
-  state by :func:`admm_jax.admm.state_memory`.
+  per-tensor or per-row fp32 scales (:mod:`admm_jax.core.storage`); memory is measured from the
+  state by :func:`admm_jax.core.admm.state_memory`.
 * Global sparsity (``scope="global"``) keeps the k largest scores over all constrained tensors
-  by a bisection threshold (:func:`admm_jax.projection.global_topk_masks`); its Z is initialised
+  by a bisection threshold (:func:`admm_jax.ops.projection.global_topk_masks`); its Z is initialised
   with the per-tensor projection at the same sparsity and becomes global at the first stage 2.
 
 Choices where the paper is silent: the Hessian estimate is kept by the transform (an EMA of the
@@ -31,8 +31,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from admm_jax.admm import Split, admm, block_states, find_admm_states
-from admm_jax.projection import (
+from admm_jax.core.admm import Split, admm, block_states, find_admm_states
+from admm_jax.core.storage import StateStorage
+from admm_jax.core.tree import SelectionSpec, path_str
+from admm_jax.ops.projection import (
     global_topk_masks,
     keep_count,
     nm_mask,
@@ -40,8 +42,6 @@ from admm_jax.projection import (
     scores_of,
     topk_mask,
 )
-from admm_jax.storage import StateStorage
-from admm_jax.tree import SelectionSpec, path_str
 
 Array = jax.Array
 Projection = Callable[[list[Array], list[Array | None]], list[Array]]
@@ -146,9 +146,9 @@ def elsa(sparsity: float, rho: float | Any = 1e-3, *, structure: str = "unstruct
             ``curvature_decay``, like Adam's second moment).
         state_dtype: ELSA-L storage of Z and U: ``"float32"``, ``"bf16"``, ``"e4m3"``, ``"e5m2"``.
         state_scaling: ``"tensor"``, ``"row"`` or ``"none"`` (default: tensor for fp8, none for
-            bf16), see :class:`admm_jax.storage.StateStorage`.
+            bf16), see :class:`admm_jax.core.storage.StateStorage`.
         mask: constrained leaves (default: decoder kernels and the embedding).
-        **admm_kwargs: forwarded to :func:`admm_jax.admm.admm` (``rho_schedule``,
+        **admm_kwargs: forwarded to :func:`admm_jax.core.admm.admm` (``rho_schedule``,
             ``residual_balancing``, ...).
     """
     split = sparsity_split(sparsity, structure, scope, weighted)

@@ -1,7 +1,7 @@
 """Homomorphic Parameter Allocation (HPA): deploy one SLR surrogate at any parameter budget.
 
 SALAAD (arXiv 2602.00942, "Homomorphic Parameter Allocation") deploys the compact surrogate
-(:mod:`admm_jax.surrogate`) of a trained model at a memory budget by keeping, in *every*
+(:mod:`admm_jax.salaad.surrogate`) of a trained model at a memory budget by keeping, in *every*
 constrained block, the same fraction ϕL of singular triplets (largest first) and the same fraction
 ϕS of sparse entries (largest magnitude first); a mixing coefficient κ splits the budget between
 the low-rank and the sparse parts. No per-block sensitivity is estimated.
@@ -69,8 +69,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from admm_jax.surrogate import BlockSurrogate, Surrogate, reconstruct
-from admm_jax.tree import path_str
+from admm_jax.core.tree import path_str
+from admm_jax.salaad.surrogate import BlockSurrogate, Surrogate, reconstruct
 
 
 class Allocation(NamedTuple):
@@ -216,7 +216,7 @@ def allocate(surrogate: Surrogate, budget: float, kappa: float = 0.5, *, params:
     """Homomorphic Parameter Allocation of ``surrogate`` at ``budget`` (see module docstring).
 
     Args:
-        surrogate: block path -> :class:`~admm_jax.surrogate.BlockSurrogate`.
+        surrogate: block path -> :class:`~admm_jax.salaad.surrogate.BlockSurrogate`.
         budget: deployed size as a fraction of the dense parameter count, in ``(0, 1]``.
         kappa: share of the constrained blocks' budget given to the low-rank parts, in
             ``[0, 1]`` (1: as much low rank as possible before any sparse entry; 0: the reverse).

@@ -12,7 +12,7 @@ time each block is stored compactly as a :class:`BlockSurrogate`:
   survives an orbax round trip because :func:`save_surrogate` writes it into a JSON index).
 
 Both orderings put the most important units first, so a prefix ``(rank, n_sparse)`` is the
-truncation that SALAAD's Homomorphic Parameter Allocation deploys (:mod:`admm_jax.hpa`);
+truncation that SALAAD's Homomorphic Parameter Allocation deploys (:mod:`admm_jax.salaad.hpa`);
 :func:`reconstruct` returns
 ``u[:, :rank] · diag(s[:rank]) · v[:, :rank]ᵀ + scatter(values[:n_sparse] at indices[:n_sparse])``.
 
@@ -45,11 +45,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from admm_jax.checkpoint import NonFiniteError, resolve_checkpoint_dir
-from admm_jax.tree import path_str
+from admm_jax.core.tree import path_str
+from admm_jax.training.checkpoint import NonFiniteError, resolve_checkpoint_dir
 
 SURROGATE_DIR = "surrogate"
-FORMAT = "admm_jax.surrogate.v1"
+FORMAT = "admm_jax.salaad.surrogate.v1"
 _ARRAY_FIELDS = ("u", "s", "v", "values", "indices")
 
 
@@ -240,7 +240,7 @@ def save_surrogate(checkpoint: str | os.PathLike, surrogate: Surrogate, *,
 
     Args:
         checkpoint: an existing checkpoint (or run) directory written by
-            :mod:`admm_jax.checkpoint` (save the dense model first).
+            :mod:`admm_jax.training.checkpoint` (save the dense model first).
         surrogate: path -> :class:`BlockSurrogate`.
         meta: JSON-ready fields stored in the index (e.g. the source step, ``rank_tol``).
 
@@ -249,7 +249,7 @@ def save_surrogate(checkpoint: str | os.PathLike, surrogate: Surrogate, *,
         committed; leftovers of earlier killed saves are removed (one writer at a time).
 
     Raises:
-        admm_jax.checkpoint.NonFiniteError: (a ``FloatingPointError``) if any factor or value is
+        admm_jax.training.checkpoint.NonFiniteError: (a ``FloatingPointError``) if any factor or value is
             NaN or inf; nothing is written.
         FileNotFoundError: if ``checkpoint`` is not a checkpoint directory.
     """
@@ -303,7 +303,7 @@ def load_surrogate(checkpoint: str | os.PathLike) -> Surrogate:
         raise FileNotFoundError(
             f"checkpoint {str(directory.parent)!r} has no surrogate ({SURROGATE_DIR}/): it was "
             "not trained with SALAAD; run the post-hoc RPCA baseline to build one, or save one "
-            "with admm_jax.surrogate.save_surrogate")
+            "with admm_jax.salaad.surrogate.save_surrogate")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         index = ckptr.restore(directory, args=ocp.args.Composite(
             index=ocp.args.JsonRestore()))["index"]

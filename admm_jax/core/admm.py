@@ -16,7 +16,7 @@ The constraint set enters only through a :class:`Split`: pure per-block ``init``
 ``metrics`` functions with their own state (SALAAD: L + S with α, β and the I-controller; ELSA:
 a sparsity projection). Which leaves are constrained is a selection (regex on leaf paths, a bool
 pytree or a callable); the default is every 2-D kernel in the decoder layers plus the token
-embedding (see :data:`admm_jax.tree.DEFAULT_PATTERN`).
+embedding (see :data:`admm_jax.core.tree.DEFAULT_PATTERN`).
 
 Place the transform **before** the base optimizer::
 
@@ -49,8 +49,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from admm_jax.storage import StateStorage, Stored, nbytes
-from admm_jax.tree import SelectionSpec, path_str, select
+from admm_jax.core.storage import StateStorage, Stored, nbytes
+from admm_jax.core.tree import SelectionSpec, path_str, select
 
 Array = jax.Array
 
@@ -162,7 +162,7 @@ def admm(split: Split, rho: float | Callable[[str, tuple[int, ...]], float], *,
         rho: penalty ρ > 0, or ``(path, shape) -> ρ`` for per-block values (e.g. a smaller ρ for
             the embedding). A float may be injected with ``optax.inject_hyperparams``.
         interval: K ≥ 1, steps between stage-2 updates.
-        mask: which leaves are constrained (:func:`admm_jax.tree.select`); every selected leaf
+        mask: which leaves are constrained (:func:`admm_jax.core.tree.select`); every selected leaf
             must be 2-D and at least one must be selected.
         rho_scaling: ``"none"`` or ``"shape"`` (ρ·1/(n_layers·√(mn)), needs ``n_layers``).
         n_layers: model depth, for ``rho_scaling="shape"``.
@@ -174,7 +174,7 @@ def admm(split: Split, rho: float | Callable[[str, tuple[int, ...]], float], *,
         decoupled_lr: η_t for decoupled coupling (float or schedule).
         curvature_decay: if set, keep an EMA of squared gradients per block with this decay and
             pass it to ``split.prox`` (diagonal-Hessian estimate for weighted projections).
-        state_storage: how Z and U are stored between steps (:class:`admm_jax.storage.
+        state_storage: how Z and U are stored between steps (:class:`admm_jax.core.storage.
             StateStorage` or a dtype name such as ``"bf16"``, ``"e4m3"``); all arithmetic is
             fp32. Default fp32 (ELSA-L uses bf16 / fp8).
         halt_on_nonfinite: raise (through a host callback) when a stage 2 finds NaN/inf in X, Z

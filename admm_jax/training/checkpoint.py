@@ -34,7 +34,7 @@ import tokenizers
 from admm_jax.data import load_tokenizer, save_tokenizer
 from admm_jax.models.llama import LlamaConfig, abstract_params
 
-FORMAT = "admm_jax.checkpoint.v1"
+FORMAT = "admm_jax.training.checkpoint.v1"
 MODEL_FILE = "model.json"
 TOKENIZER_FILE = "tokenizer.json"
 
