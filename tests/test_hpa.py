@@ -285,10 +285,11 @@ def test_bad_inputs(model, checkpoint, tmp_path):
 
     _, params, surrogate = model
     _, text, tokenizer = checkpoint
-    for budget, msg in [(0.0, r"\(0, 1\]"), (-0.2, r"\(0, 1\]"), (1.5, "above dense"),
-                        (float("nan"), "finite"), (True, "real number")]:
-        with pytest.raises(ValueError, match=f"budget.*{msg}"):
+    for budget in (0.0, -0.2, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"budget must be in \(0\.0, 1\.0\]"):
             allocate(surrogate, budget, params=params)
+    with pytest.raises(TypeError, match="budget must be a real number"):
+        allocate(surrogate, True, params=params)
     lo = minimum_budget(params, surrogate)
     with pytest.raises(ValueError, match=f"smallest representable.*{lo:.6g}"):
         allocate(surrogate, lo / 2, params=params)

@@ -10,6 +10,7 @@ on random and on real SmolLM2 activations (shared, module-scoped model load).
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,17 +21,24 @@ from flax import nnx
 from admm_jax.data import calibration_samples, prepare_corpus
 from admm_jax.models.llama import LlamaConfig, forward, init_params
 from admm_jax.models.pretrained import PretrainedModel, load_smollm2
-from admm_jax.ops.projection import keep_count
+from admm_jax.ops.projection import keep_count, topk_mask
+from admm_jax.ops.structures import NM, Unstructured
 from admm_jax.pruning import (
     INPUT_SITES,
     LINEAR_INPUTS,
+    PRUNERS,
     CapturedBlock,
     capture_blocks,
+    get_pruner,
     gram_stats,
     magnitude_prune,
+    per_kernel,
     prune,
+    register_pruner,
+    registered_methods,
     sparsegpt_prune,
     sqnorm_stats,
+    unregister_pruner,
     wanda_prune,
 )
 
@@ -233,8 +241,11 @@ def test_prune_rejects_bad_arguments(nano):
     graphdef, params, tokens = nano
     with pytest.raises(ValueError, match="method must be one of"):
         prune(graphdef, params, tokens, method="obs")
-    for bad in (1.0, -0.1, "0.5", True):
+    for bad in (1.0, -0.1):
         with pytest.raises(ValueError, match="sparsity"):
+            prune(graphdef, params, method="magnitude", sparsity=bad)
+    for bad in ("0.5", True):
+        with pytest.raises(TypeError, match="sparsity"):
             prune(graphdef, params, method="magnitude", sparsity=bad)
     with pytest.raises(ValueError, match="structure"):
         prune(graphdef, params, structure="2-4")
@@ -254,6 +265,105 @@ def test_prune_rejects_bad_arguments(nano):
         prune(graphdef, params, tokens, method="sparsegpt", structure="4:8", blocksize=12)
     with pytest.raises(ValueError, match="percdamp"):
         prune(graphdef, params, tokens, method="sparsegpt", percdamp=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry and structures
+# ---------------------------------------------------------------------------------------------
+
+def smallest_prune(w, *, sparsity, structure, power=1.0):
+    """A toy method: keep the entries with the *smallest* ``|w|^power`` of the tensor."""
+    assert isinstance(structure, Unstructured)
+    keep = topk_mask(-jnp.abs(jnp.asarray(w)) ** power, keep_count(w.size, sparsity))
+    return jnp.where(keep, w, 0), keep
+
+
+@pytest.fixture
+def smallest():
+    record = register_pruner("smallest", per_kernel(smallest_prune), stats=None,
+                             structures=(Unstructured,), defaults={"power": 1.0})
+    yield record
+    unregister_pruner("smallest")
+
+
+def test_registered_toy_method_runs_through_prune(nano, smallest):
+    graphdef, params, _ = nano
+    assert get_pruner("smallest") is smallest is PRUNERS["smallest"]
+    assert registered_methods()[-1] == "smallest"
+    import admm_jax.pruning as pruning
+    assert "smallest" in pruning.METHODS
+    pruned, masks = prune(graphdef, params, method="smallest", sparsity=0.75, power=2.0,
+                          blocksize=32, verbose=False)  # another method's option is ignored
+    assert list(masks) == KERNEL_PATHS
+    for path, mask in masks.items():
+        w = np.abs(np.asarray(get(params, path)))
+        mask = np.asarray(mask)
+        assert mask.sum() == keep_count(w.size, 0.75)
+        assert w[mask].max() <= w[~mask].min(), path  # kept exactly the smallest entries
+        np.testing.assert_array_equal(np.asarray(get(pruned, path)),
+                                      np.where(mask, get(params, path), 0))
+    with pytest.raises(ValueError, match=r"does not support structure 2:4.*Unstructured$"):
+        prune(graphdef, params, method="smallest", structure="2:4")
+    with pytest.raises(TypeError, match=r"unknown pruning options \['powr'\].*\['power'\]"):
+        prune(graphdef, params, method="smallest", powr=2.0)
+    with pytest.raises(ValueError, match="already registered"):
+        register_pruner("smallest", per_kernel(smallest_prune), stats=None,
+                        structures=(Unstructured,))
+
+
+def test_unknown_method_lists_registered_names(nano):
+    graphdef, params, tokens = nano
+    assert registered_methods() == ("magnitude", "wanda", "sparsegpt")
+    with pytest.raises(ValueError, match=re.escape(
+            "method must be one of ['magnitude', 'sparsegpt', 'wanda']")):
+        prune(graphdef, params, tokens, method="obs")
+    with pytest.raises(ValueError, match="structures must be a non-empty subset"):
+        register_pruner("bad", per_kernel(smallest_prune), stats=None, structures=(tuple,))
+
+
+def test_magnitude_channel_keeps_whole_output_columns(nano):
+    graphdef, params, _ = nano
+    sparsity = 0.3
+    pruned, masks = prune(graphdef, params, structure="channel", sparsity=sparsity,
+                          verbose=False)
+    for path, mask in masks.items():
+        w, mask = np.asarray(get(params, path)), np.asarray(mask)
+        kept = mask.all(axis=0)
+        np.testing.assert_array_equal(mask, np.broadcast_to(kept, mask.shape))  # whole columns
+        assert kept.sum() == keep_count(w.shape[1], sparsity), path
+        norms = np.abs(w).sum(axis=0)
+        assert norms[kept].min() >= norms[~kept].max(), path
+        np.testing.assert_array_equal(np.asarray(get(pruned, path)), np.where(mask, w, 0))
+
+
+def test_calibrated_methods_reject_channel(nano):
+    graphdef, params, tokens = nano
+    _, w, h = random_problem(0)
+    for method in ("wanda", "sparsegpt"):
+        with pytest.raises(ValueError, match=rf"method '{method}' does not support structure "
+                                             r"channel .*it supports: Unstructured, NM"):
+            prune(graphdef, params, tokens, method=method, structure="channel")
+    with pytest.raises(ValueError, match="does not support structure channel"):
+        wanda_prune(w, np.diag(h), structure="channel")
+    with pytest.raises(ValueError, match="does not support structure channel"):
+        sparsegpt_prune(w, h, structure="channel")
+
+
+def test_structure_values_match_strings(nano):
+    graphdef, params, tokens = nano
+    x, w, h = random_problem(3)
+    for structure in ("2:4", "unstructured"):
+        value = NM(2, 4) if structure == "2:4" else Unstructured()
+        for fn in (lambda s: magnitude_prune(w, structure=s),
+                   lambda s: wanda_prune(w, np.sum(x ** 2, axis=0), structure=s),
+                   lambda s: sparsegpt_prune(w, h, structure=s, blocksize=16)):
+            for a, b in zip(fn(structure), fn(value)):
+                np.testing.assert_array_equal(a, b)
+    by_string = prune(graphdef, params, tokens, method="wanda", structure="2:4", verbose=False)
+    by_value = prune(graphdef, params, tokens, method="wanda", structure=NM(2, 4),
+                     verbose=False)
+    for a, b in zip(*(jax.tree_util.tree_leaves(r) for r in (by_string, by_value))):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_kernel_functions_reject_bad_shapes():

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from admm_jax._checks import check_int, check_real
 
 Array = jax.Array
 
@@ -42,29 +43,10 @@ _MAX_LEAF = 2**31 - 1  # per-tensor counts are int32
 _SUBNORMAL_KEYS = 1 << 23  # keys of |value| < 2⁻¹²⁶ lie in [−2²³, 2²³)
 
 
-def _check_sparsity(sparsity) -> None:
-    if isinstance(sparsity, (int, float)) and not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
-
-
-def parse_structure(structure: str) -> tuple[int, int] | None:
-    """``"unstructured"`` → ``None``; ``"N:M"`` (e.g. ``"2:4"``) → ``(N, M)`` with ``0 < N < M``."""
-    if structure == "unstructured":
-        return None
-    try:
-        n, m = (int(p) for p in str(structure).split(":"))
-    except ValueError:
-        raise ValueError(f"structure must be 'unstructured' or 'N:M' (e.g. '2:4'), got "
-                         f"{structure!r}") from None
-    if not 0 < n < m:
-        raise ValueError(f"structure {structure!r} needs 0 < N < M")
-    return n, m
-
-
 def keep_count(size: int, sparsity: float) -> int:
     """Entries kept at ``sparsity``: ``size − floor(sparsity·size)`` (at least one pruned entry
     per full ``1/sparsity`` block, never more kept than allowed)."""
-    _check_sparsity(sparsity)
+    sparsity = check_real("sparsity", sparsity, low=0.0, high=1.0, high_open=True)
     return size - int(sparsity * size)
 
 
@@ -240,21 +222,6 @@ class _Scores:
         return s.reshape(1) if s.ndim == 0 else s
 
 
-def _check_k(k, total: int) -> int:
-    try:
-        k_int = operator.index(k)
-    except TypeError:
-        k_int = None
-    if k_int is None or isinstance(k, bool) or not 0 <= k_int <= total:
-        raise ValueError(f"k must be an int in [0, {total}], got {k!r}")
-    return k_int
-
-
-def _check_iters(iters: int) -> None:
-    if not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be an int ≥ 1, got {iters!r}")
-
-
 def _bisect(score: _Scores, k, iters: int):
     """Keys ``lo < hi`` with ``#{score ≥ lo} ≥ k > #{score ≥ hi}``, and those two counts.
 
@@ -290,8 +257,8 @@ def global_threshold(scores: list[Array], k: int, iters: int = 64, *,
     :func:`global_topk_masks`. Requires ``k ≥ 1``; scores must not be NaN.
     """
     score = _Scores(scores, score_fn)
-    k = _check_k(k, score.total)
-    _check_iters(iters)
+    k = check_int("k", k, 0, score.total)
+    check_int("iters", iters, 1)
     if k == 0:
         raise ValueError("k must be ≥ 1 for a threshold (every t keeps ≥ 0 entries)")
     return _threshold_jit(score.items, _wide_const(k), min(iters, _KEY_BITS), score_fn)
@@ -370,8 +337,8 @@ def global_topk_masks(scores: list[Array], k: int, iters: int = 64, *,
     subnormal scores count as 0 (XLA flushes them).
     """
     score = _Scores(scores, score_fn)
-    k = _check_k(k, score.total)
-    _check_iters(iters)
+    k = check_int("k", k, 0, score.total)
+    check_int("iters", iters, 1)
     if k == 0:
         return [jnp.zeros(shape, bool) for shape in score.shapes]
     return _topk_masks_jit(score.items, _wide_const(k), min(iters, _KEY_BITS), score_fn)

@@ -34,6 +34,8 @@ import jax.scipy.linalg as jsl
 import numpy as np
 from jax import lax
 
+from admm_jax._checks import check_int, is_traced
+
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
 
@@ -65,34 +67,18 @@ class LowRank(NamedTuple):
 # validation helpers
 
 
-def _is_concrete(value) -> bool:
-    return not isinstance(value, jax.core.Tracer)
-
-
-def _describe(value: np.ndarray) -> str:
-    return repr(value.item()) if value.size == 1 else f"an array with min {np.nanmin(value)!r}"
-
-
-def _check_nonnegative(name: str, value) -> None:
-    if _is_concrete(value):
-        v = np.asarray(value)
-        if not np.all(v >= 0):  # also rejects NaN
-            raise ValueError(f"{name} must be >= 0, got {_describe(v)}")
-
-
-def _check_unit_interval(name: str, value) -> None:
-    if _is_concrete(value):
-        v = np.asarray(value)
-        if not np.all((v > 0) & (v <= 1)):
-            raise ValueError(f"{name} must be in (0, 1], got {_describe(v)}")
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a static Python int, got {type(value).__name__}")
-    if value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
+def _check_entries(name: str, value, *, positive: bool = False, at_most_one: bool = False) -> None:
+    """Every entry of a scalar or per-matrix array ``value`` is ``>= 0`` (``> 0`` if
+    ``positive``) and, with ``at_most_one``, ``<= 1``; NaN fails. Traced values pass unchecked
+    (the scalar checks of :mod:`admm_jax._checks` do not take arrays)."""
+    if is_traced(value):
+        return
+    v = np.asarray(value)
+    ok = (v > 0 if positive else v >= 0) & (v <= 1 if at_most_one else True)
+    if not np.all(ok):
+        interval = f"{'(' if positive else '['}0, {'1]' if at_most_one else 'inf)'}"
+        got = repr(v.item()) if v.size == 1 else f"an array with min {np.nanmin(v)!r}"
+        raise ValueError(f"{name} must be in {interval}, got {got}")
 
 
 def _matrix(name: str, x: ArrayLike) -> Array:
@@ -124,7 +110,7 @@ def soft_threshold(x: ArrayLike, tau: ArrayLike) -> Array:
     Returns:
         f[...] with the (float) dtype of ``x`` and the broadcast shape of ``x`` and ``tau``.
     """
-    _check_nonnegative("tau", tau)
+    _check_entries("tau", tau)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.inexact):
         x = x.astype(jnp.float32)
@@ -164,7 +150,7 @@ def svt(x: ArrayLike, tau: ArrayLike) -> tuple[Array, LowRank]:
         singular values below τ give zero slots in ``s``.
     """
     x = _matrix("x", x)
-    _check_nonnegative("tau", tau)
+    _check_entries("tau", tau)
     u, s, vt = jnp.linalg.svd(x, full_matrices=False)
     return _assemble(u, soft_threshold(s, _per_matrix(tau)), jnp.swapaxes(vt, -1, -2))
 
@@ -183,7 +169,7 @@ def hard_rank_truncation(x: ArrayLike, rank: int) -> tuple[Array, LowRank]:
         ``(P, LowRank(u, s, v))``: ``P: f32[..., m, n]``, factors of width ``rank``.
     """
     x = _matrix("x", x)
-    _check_int("rank", rank, 1, min(x.shape[-2:]))
+    check_int("rank", rank, 1, min(x.shape[-2:]))
     u, s, vt = jnp.linalg.svd(x, full_matrices=False)
     return _assemble(u[..., :rank], s[..., :rank], jnp.swapaxes(vt[..., :rank, :], -1, -2))
 
@@ -256,9 +242,9 @@ def _subspace_svd(x: Array, prev: LowRank | None, rank_cap: int, n_iter: int, ov
 def _check_subspace_args(x: Array, prev: LowRank | None, rank_cap: int, n_iter: int,
                          oversample: int) -> None:
     m, n = x.shape[-2:]
-    _check_int("rank_cap", rank_cap, 1, min(m, n))
-    _check_int("n_iter", n_iter, 0)
-    _check_int("oversample", oversample, 0)
+    check_int("rank_cap", rank_cap, 1, min(m, n))
+    check_int("n_iter", n_iter, 0)
+    check_int("oversample", oversample, 0)
     if prev is not None and (prev.v.ndim != x.ndim or prev.v.shape[:-1] != (*x.shape[:-2], n)):
         raise ValueError(f"prev.v must have shape [..., n, r] = {(*x.shape[:-2], n, 'r')} to "
                          f"match x of shape {x.shape}, got {prev.v.shape}")
@@ -312,7 +298,7 @@ def svt_subspace(x: ArrayLike, tau: ArrayLike, prev: LowRank | None = None, *, r
         ``(P, LowRank(u, s, v))``: ``P: f32[..., m, n]``, factors of width ``rank_cap``.
     """
     x = _matrix("x", x)
-    _check_nonnegative("tau", tau)
+    _check_entries("tau", tau)
     _check_subspace_args(x, prev, rank_cap, n_iter, oversample)
     u, s, v = _subspace_svd(x, prev, rank_cap, n_iter, oversample, key)
     return _assemble(u, soft_threshold(s, _per_matrix(tau)), v)
@@ -353,7 +339,7 @@ def effective_rank(s: ArrayLike, energy: float | ArrayLike = 0.999) -> Array:
     Returns:
         int32[...].
     """
-    _check_unit_interval("energy", energy)
+    _check_entries("energy", energy, positive=True, at_most_one=True)
     s = jnp.asarray(s)
     if s.ndim < 1:
         raise ValueError(f"s must have a trailing spectrum axis f[..., r], got shape {s.shape}")
@@ -393,5 +379,5 @@ def density(x: ArrayLike, tol: float | ArrayLike = 0.0) -> Array:
     x = jnp.asarray(x)
     if x.ndim < 2:
         raise ValueError(f"x must be a matrix f[..., m, n] (ndim >= 2), got shape {x.shape}")
-    _check_nonnegative("tol", tol)
+    _check_entries("tol", tol)
     return jnp.mean(jnp.abs(x) > tol, axis=(-2, -1), dtype=jnp.float32)

@@ -23,12 +23,13 @@ import functools
 import math
 import sys
 import time
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from admm_jax._checks import check_choice, check_int, check_real, is_traced
 from admm_jax.core.tree import path_str
 from admm_jax.ops import prox
 
@@ -53,17 +54,20 @@ class RPCAResult(NamedTuple):
     residual: Array
 
 
-def _check_positive(name: str, value, low: float = 0.0, *, inclusive: bool = False) -> None:
-    if value is None or isinstance(value, jax.core.Tracer):
+def _check_scalar(name: str, value, low: float, *, low_open: bool) -> None:
+    """:func:`~admm_jax._checks.check_real` for an optional (``None``) hyperparameter that may
+    also be a concrete 0-d array, or a tracer (unchecked)."""
+    if value is None:
         return
-    v = float(value)
-    if not (v >= low if inclusive else v > low):
-        raise ValueError(f"{name} must be {'>=' if inclusive else '>'} {low}, got {value!r}")
+    if isinstance(value, (jax.Array, np.ndarray)) and not is_traced(value) and value.ndim == 0:
+        value = value.item()
+    check_real(name, value, low=low, low_open=low_open, allow_traced=True)
 
 
 def rpca(m: jax.typing.ArrayLike, *, lam: float | Array | None = None,
          mu: float | Array | None = None, rho: float | Array = 1.5,
-         tol: float | Array | None = None, max_iter: int = 500, svd: str = "exact",
+         tol: float | Array | None = None, max_iter: int = 500,
+         svd: Literal["exact", "subspace"] = "exact",
          rank_cap: int | None = None, n_iter: int = 2, key: Array | None = None) -> RPCAResult:
     """Robust PCA ``M = L + S`` by principal component pursuit, inexact ALM (module docstring).
 
@@ -78,8 +82,8 @@ def rpca(m: jax.typing.ArrayLike, *, lam: float | Array | None = None,
             there is the attainable ``√min(m, n)·ε`` (2.7e-6 for 500 × 500).
         max_iter: iteration limit ≥ 1.
         svd: ``"exact"`` (:func:`admm_jax.ops.prox.svt`) or ``"subspace"``
-            (:func:`admm_jax.ops.prox.svt_subspace` warm-started from the previous iterate's factors;
-            needs ``rank_cap``, at least the rank of L, and ``key``).
+            (:func:`admm_jax.ops.prox.svt_subspace` warm-started from the previous iterate's
+            factors; needs ``rank_cap``, at least the rank of L, and ``key``).
         rank_cap: static rank cap of the subspace back-end, in ``[1, min(m, n)]``.
         n_iter: static subspace iterations per SVT of the subspace back-end (≥ 0).
         key: PRNG key of the subspace back-end.
@@ -91,14 +95,11 @@ def rpca(m: jax.typing.ArrayLike, *, lam: float | Array | None = None,
     if m.ndim != 2:
         raise ValueError(f"m must be a 2-D matrix, got shape {m.shape}")
     m = m.astype(jnp.promote_types(m.dtype, jnp.float32))
-    _check_positive("lam", lam)
-    _check_positive("mu", mu)
-    _check_positive("rho", rho, 1.0, inclusive=True)
-    _check_positive("tol", tol)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
-    if svd not in ("exact", "subspace"):
-        raise ValueError(f"svd must be 'exact' or 'subspace', got {svd!r}")
+    for name, value in (("lam", lam), ("mu", mu), ("tol", tol)):
+        _check_scalar(name, value, 0.0, low_open=True)
+    _check_scalar("rho", rho, 1.0, low_open=False)
+    check_int("max_iter", max_iter, 1)
+    check_choice("svd", svd, ("exact", "subspace"))
     if svd == "subspace" and (rank_cap is None or key is None):
         raise ValueError("svd='subspace' needs rank_cap (an int in [1, min(m, n)]) and key")
     lam = 1.0 / math.sqrt(max(m.shape)) if lam is None else lam

@@ -26,8 +26,25 @@ from admm_jax.ops.projection import keep_count, nm_mask, topk_mask
 Array = jax.Array
 
 
+# Equality and hashing by type as well as fields: the field-less ``Unstructured()`` and
+# ``Channel()`` are both ``()`` as tuples, and ``NM(2, 4) == (2, 4)``; structures are jit static
+# arguments and dict keys, so they must not compare equal across kinds.
+def _typed_eq(self, other) -> bool:
+    return type(self) is type(other) and tuple.__eq__(self, other)
+
+
+def _typed_ne(self, other) -> bool:
+    return not _typed_eq(self, other)
+
+
+def _typed_hash(self) -> int:
+    return hash((type(self).__name__, *self))
+
+
 class Unstructured(NamedTuple):
     """Any entries may be pruned."""
+
+    __eq__, __ne__, __hash__ = _typed_eq, _typed_ne, _typed_hash
 
     def __str__(self) -> str:
         return "unstructured"
@@ -39,6 +56,8 @@ class NM(NamedTuple):
     n: int
     m: int
 
+    __eq__, __ne__, __hash__ = _typed_eq, _typed_ne, _typed_hash
+
     def __str__(self) -> str:
         return f"{self.n}:{self.m}"
 
@@ -46,6 +65,8 @@ class NM(NamedTuple):
 class Channel(NamedTuple):
     """Prune whole output units: columns of a ``[in, out]`` kernel, scored by their summed
     entry scores."""
+
+    __eq__, __ne__, __hash__ = _typed_eq, _typed_ne, _typed_hash
 
     def __str__(self) -> str:
         return "channel"

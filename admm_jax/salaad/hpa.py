@@ -61,7 +61,6 @@ one ϕL step's cost and each block's count by that share of ``k_b / Σk_b`` plus
 from __future__ import annotations
 
 import math
-import numbers
 from fractions import Fraction
 from typing import Any, NamedTuple
 
@@ -69,6 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from admm_jax._checks import check_real
 from admm_jax.core.tree import path_str
 from admm_jax.salaad.surrogate import BlockSurrogate, Surrogate, reconstruct
 
@@ -197,18 +197,37 @@ class _RankLadder:
         return i if self.cost(i) >= limit or i + 1 == len(self.nums) else i + 1
 
 
-def _check_real(name: str, value: Any) -> Fraction:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    return Fraction(float(value))
-
-
 def _target(frac: Fraction, dense: int) -> int:
     """``floor(budget·D)``, taking ``budget·D`` within float rounding of an integer as that
     integer (so ``budget = N / D`` gives exactly ``N``)."""
     x = frac * dense
     nearest = round(x)
     return nearest if abs(x - nearest) <= dense * Fraction(2) ** -50 else math.floor(x)
+
+
+def _rank_breakpoint(ladder: _RankLadder, b_l: Fraction, b_c: int, p_s: int,
+                     exact: bool) -> int:
+    """The rank-ladder breakpoint for a low-rank budget ``b_l``: rounded down, or up (step 4)
+    when ``exact`` and every sparse entry would fit with budget to spare."""
+    i = ladder.floor(b_l)
+    if exact and b_c - ladder.cost(i) > p_s + 1:
+        up = ladder.ceil(b_l)
+        if ladder.cost(up) <= b_c:
+            i = up
+    return i
+
+
+def _apportion(k: int, nnz: np.ndarray) -> np.ndarray:
+    """``k`` sparse entries split over the blocks in proportion to their ``nnz`` (largest
+    remainder; ties to the earlier block), so they sum to exactly ``k``."""
+    total = int(np.sum(nnz))
+    if not total:
+        return np.zeros(len(nnz), np.int64)
+    kept = [k * int(n) // total for n in nnz]
+    rem = [k * int(n) % total for n in nnz]
+    for j in sorted(range(len(nnz)), key=lambda j: (-rem[j], j))[:k - sum(kept)]:
+        kept[j] += 1
+    return np.array(kept, np.int64)
 
 
 def allocate(surrogate: Surrogate, budget: float, kappa: float = 0.5, *, params: Any,
@@ -226,20 +245,13 @@ def allocate(surrogate: Surrogate, budget: float, kappa: float = 0.5, *, params:
             ``T − 1`` (default); ``False`` keeps every kept set nested across budgets instead.
 
     Raises:
-        ValueError: ``budget`` outside ``(0, 1]`` or below the smallest representable model
-            ``O / D``; ``kappa`` outside ``[0, 1]``; surrogate/params mismatch.
+        TypeError: ``budget`` or ``kappa`` is not a real number.
+        ValueError: ``budget`` outside ``(0, 1]`` (a fraction of the dense count, not a
+            percentage) or below the smallest representable model ``O / D``; ``kappa`` outside
+            ``[0, 1]``; surrogate/params mismatch.
     """
-    frac = _check_real("budget", budget)
-    if frac <= 0:
-        raise ValueError(f"budget must be a fraction of the dense parameter count in (0, 1], "
-                         f"got {budget!r}")
-    if frac > 1:
-        raise ValueError(f"budget must be in (0, 1]: {budget!r} is above dense (1.0 = the dense "
-                         "model's parameter count)")
-    kap = _check_real("kappa", kappa)
-    if not 0 <= kap <= 1:
-        raise ValueError(f"kappa must be in [0, 1] (share of the budget for low-rank parts), "
-                         f"got {kappa!r}")
+    frac = Fraction(check_real("budget", budget, low=0.0, high=1.0, low_open=True))
+    kap = Fraction(check_real("kappa", kappa, low=0.0, high=1.0))
     blocks, dense, other = _blocks(surrogate, params)
     target = _target(frac, dense)
     if target < other:
@@ -261,23 +273,12 @@ def allocate(surrogate: Surrogate, budget: float, kappa: float = 0.5, *, params:
     else:
         b_l = min(Fraction(p_l), max(kap * b_c, Fraction(b_c - p_s)))
         ladder = _RankLadder(ranks_full, unit)
-        i = ladder.floor(b_l)
-        if exact and b_c - ladder.cost(i) > p_s + 1:
-            # every sparse entry fits with budget to spare: round ϕL up instead (step 4)
-            up = ladder.ceil(b_l)
-            if ladder.cost(up) <= b_c:
-                i = up
+        i = _rank_breakpoint(ladder, b_l, b_c, p_s, exact)
         phi_l, ranks = ladder.ratio(i), ladder.kept(i)
-        c_l = ladder.cost(i)
         if exact:
-            k = min(total_k, (b_c - c_l) // 2)
+            k = min(total_k, (b_c - ladder.cost(i)) // 2)
             phi_s = Fraction(k, total_k) if total_k else Fraction(1)
-            kept = [k * int(n) // total_k if total_k else 0 for n in nnz_full]
-            rem = [k * int(n) % total_k if total_k else 0 for n in nnz_full]
-            extra = k - sum(kept)
-            for j in sorted(range(len(blocks)), key=lambda j: (-rem[j], j))[:extra]:
-                kept[j] += 1
-            kept = np.array(kept, np.int64)
+            kept = _apportion(k, nnz_full)
         else:
             phi_s = (Fraction(b_c) - b_l) / p_s if p_s else Fraction(1)
             kept = np.array([math.floor(phi_s * int(n)) for n in nnz_full], np.int64)

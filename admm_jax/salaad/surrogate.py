@@ -45,6 +45,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from admm_jax._checks import check_real
 from admm_jax.core.tree import path_str
 from admm_jax.training.checkpoint import NonFiniteError, resolve_checkpoint_dir
 
@@ -149,8 +150,7 @@ def block_surrogate(low_rank: Any, sparse: Any, *, rank_tol: float = 1e-6) -> Bl
         sparse: ``[m, n]`` sparse part ``S``; its nonzeros are kept exactly.
         rank_tol: relative singular-value cut-off in ``[0, 1)``.
     """
-    if not 0.0 <= rank_tol < 1.0:
-        raise ValueError(f"rank_tol must be in [0, 1), got {rank_tol!r}")
+    rank_tol = check_real("rank_tol", rank_tol, low=0.0, high=1.0, high_open=True)
     lr = _as_matrix("low_rank", low_rank)
     sp = _as_matrix("sparse", sparse)
     if lr.shape != sp.shape:
@@ -249,8 +249,8 @@ def save_surrogate(checkpoint: str | os.PathLike, surrogate: Surrogate, *,
         committed; leftovers of earlier killed saves are removed (one writer at a time).
 
     Raises:
-        admm_jax.training.checkpoint.NonFiniteError: (a ``FloatingPointError``) if any factor or value is
-            NaN or inf; nothing is written.
+        admm_jax.training.checkpoint.NonFiniteError: (a ``FloatingPointError``) if any factor
+            or value is NaN or inf; nothing is written.
         FileNotFoundError: if ``checkpoint`` is not a checkpoint directory.
     """
     if not isinstance(surrogate, Mapping) or not all(
