@@ -12,6 +12,7 @@ import numbers
 from typing import Any
 
 import jax
+import numpy as np
 
 
 def is_traced(value: Any) -> bool:
@@ -37,9 +38,14 @@ def check_real(name: str, value: Any, *, low: float | None = None, high: float |
                low_open: bool = False, high_open: bool = False,
                allow_traced: bool = False) -> Any:
     """``value`` as a ``float`` in the interval given by ``low``/``high`` (open ends with
-    ``low_open``/``high_open``). With ``allow_traced`` a tracer passes through unchecked."""
+    ``low_open``/``high_open``). A concrete 0-d array (how ``optax.inject_hyperparams`` passes a
+    hyperparameter) counts as its number. With ``allow_traced`` a tracer passes through
+    unchecked."""
     if allow_traced and is_traced(value):
         return value
+    if isinstance(value, (jax.Array, np.ndarray)) and not is_traced(value) and value.ndim == 0 \
+            and np.issubdtype(value.dtype, np.number) and value.dtype != np.bool_:
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     value = float(value)

@@ -33,6 +33,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 
+from admm_jax._checks import check_int, check_real
 from admm_jax.models.llama import LlamaConfig, abstract_params
 from admm_jax.ops.projection import global_threshold, global_topk_masks, keep_count
 from experiments.benchmarking import interleaved_medians, report
@@ -44,10 +45,19 @@ class BenchProjectionConfig:
     """Global top-k by bisection vs full sort on a model-sized pytree."""
 
     out: str = "results/bench_projection.json"
+    """JSON report path."""
     model: str = "60m"
+    """Model preset whose parameter shapes are filled with random weights."""
     sparsity: float = 0.9
+    """Fraction of entries removed (the top 1 − SPARSITY by magnitude are kept)."""
     rounds: int = 3
-    rss: bool = True  # also measure peak RSS per contender in a fresh process (Linux)
+    """Interleaved timed rounds (the median is reported)."""
+    rss: bool = True
+    """Also measure peak RSS per contender in a fresh process (Linux)."""
+
+    def __post_init__(self):
+        check_real("sparsity", self.sparsity, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_int("rounds", self.rounds, minimum=1)
 
 
 def sort_masks(leaves: list[jax.Array], k: int) -> list[jax.Array]:

@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from admm_jax._checks import check_int, check_real
 from admm_jax.models.llama import LlamaConfig, init_params
 from admm_jax.ops import prox
 from admm_jax.salaad.split import slr_admm
-from admm_jax.training.loop import TrainConfig, adamw, make_train_step
+from admm_jax.training import TrainConfig, adamw, make_train_step
 from experiments.benchmarking import interleaved_medians, report
 from experiments.cli import parse_config
 
@@ -35,14 +36,29 @@ class BenchSalaadConfig:
     """SALAAD step overhead and fast-prox accuracy/speed."""
 
     out: str = "results/bench_salaad.json"
+    """JSON report path."""
     model: str = "tiny"
+    """Model preset of the train-step benchmark."""
     batch_size: int = 16
+    """Sequences per train step."""
     seq_len: int = 128
+    """Tokens per training sequence."""
     interval: int = 2
+    """SALAAD stage-2 interval K."""
     steps_per_round: int = 10
+    """Train steps per timed round (a multiple of the interval amortizes stage 2)."""
     rounds: int = 3
+    """Interleaved timed rounds of the train steps (the median is reported)."""
     rank_cap_ratio: float = 0.25
+    """Rank cap of the fast prox as a fraction of min(rows, cols)."""
     prox_rounds: int = 5
+    """Interleaved timed rounds of the prox benchmark."""
+
+    def __post_init__(self):
+        for name in ("batch_size", "seq_len", "interval", "steps_per_round", "rounds",
+                     "prox_rounds"):
+            check_int(name, getattr(self, name), minimum=1)
+        check_real("rank_cap_ratio", self.rank_cap_ratio, low=0.0, high=1.0, low_open=True)
 
 
 def bench_steps(cfg: BenchSalaadConfig) -> dict:
@@ -61,11 +77,11 @@ def bench_steps(cfg: BenchSalaadConfig) -> dict:
     }
     runners = {}
     for name, tx in txs.items():
-        step = make_train_step(graphdef, tx)
+        train_step = make_train_step(graphdef, tx)
         state = {"p": jax.tree_util.tree_map(jnp.copy, params0)}
-        state["o"] = tx.init(state["p"])
+        state["o"] = train_step.init(state["p"])
 
-        def run(step=step, state=state):
+        def run(step=train_step.step, state=state):
             for _ in range(cfg.steps_per_round):
                 state["p"], state["o"], m = step(state["p"], state["o"], batch)
             return m["loss"]

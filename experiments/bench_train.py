@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from admm_jax._checks import check_int
 from admm_jax.models.llama import (
     LlamaConfig,
     abstract_params,
@@ -24,7 +25,7 @@ from admm_jax.models.llama import (
     init_params,
 )
 from admm_jax.models.pretrained import load_smollm2
-from admm_jax.training.loop import TrainConfig, default_optimizer, make_train_step
+from admm_jax.training import TrainConfig, default_optimizer, make_train_step
 from experiments.benchmarking import interleaved_medians, report
 from experiments.cli import parse_config
 
@@ -34,12 +35,24 @@ class BenchTrainConfig:
     """Tokens/s of the tiny train step and of a SmolLM2 forward pass."""
 
     out: str = "results/bench_train.json"
+    """JSON report path."""
     batch_size: int = 32
+    """Sequences per tiny train step."""
     seq_len: int = 128
+    """Tokens per tiny training sequence."""
     smollm2_batch: int = 4
+    """Sequences per SmolLM2 forward pass."""
     smollm2_seq_len: int = 256
+    """Tokens per SmolLM2 sequence."""
     repeats: int = 10
+    """Timed calls per measurement (the median is reported)."""
     warmup: int = 2
+    """Untimed calls before timing (after compilation)."""
+
+    def __post_init__(self):
+        for name in ("batch_size", "seq_len", "smollm2_batch", "smollm2_seq_len", "repeats"):
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("warmup", self.warmup, minimum=0)
 
 
 def bench_tiny_train_step(cfg: BenchTrainConfig) -> dict:
@@ -47,13 +60,14 @@ def bench_tiny_train_step(cfg: BenchTrainConfig) -> dict:
     train_cfg = TrainConfig(batch_size=cfg.batch_size, seq_len=cfg.seq_len)
     graphdef, params = init_params(model_config, jax.random.key(0))
     tx = default_optimizer(train_cfg)
-    state = {"params": params, "opt_state": tx.init(params)}
-    step = make_train_step(graphdef, tx)
+    train_step = make_train_step(graphdef, tx)
+    state = {"params": params, "opt_state": train_step.init(params)}
     batch = jnp.asarray(np.random.default_rng(0).integers(
         0, model_config.vocab_size, (cfg.batch_size, cfg.seq_len + 1)), jnp.int32)
 
     def run():
-        state["params"], state["opt_state"], m = step(state["params"], state["opt_state"], batch)
+        state["params"], state["opt_state"], m = train_step.step(state["params"],
+                                                                 state["opt_state"], batch)
         return m["loss"]
 
     seconds = interleaved_medians({"step": run}, cfg.repeats, cfg.warmup)["step"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jax
 
-from experiments.runs import write_json
+from admm_jax._io import atomic_write_json
 
 
 def interleaved_medians(fns: dict[str, Callable], rounds: int,
@@ -33,6 +33,6 @@ def report(result: dict, out: str | Path) -> dict:
     """Write ``result`` as JSON to ``out`` (parents created) and print it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
+    atomic_write_json(out, result)
     print(json.dumps(result, indent=2))
     return result

@@ -1,152 +1,133 @@
-"""Dataclass configs on the command line.
+"""Dataclass configs on the command line, built on `tyro <https://brentyi.github.io/tyro/>`_.
 
-Every field of an experiment's config dataclass is a flag; fields of nested dataclasses are
-addressed with dots and ``dict`` fields take arbitrary dotted keys::
+Every field of an experiment's config dataclass is a flag whose ``--help`` text is the field's
+docstring; fields of nested dataclasses are addressed with dots (``--train.steps 500``,
+``--train.optimizer.lr 1e-4``), booleans take a value (``--dense_reference false``) and ``dict``
+fields take ``KEY VALUE`` pairs (``--arch n_layers 2 max_seq_len 64``). ``--config FILE.json``
+loads values first (nested objects for nested configs); the other flags override them::
 
-    python -m experiments.pretrain --model tiny --train.steps 500 --arch.n_layers 2
-
-Values are parsed with the field's type (``bool`` accepts true/false/1/0/yes/no; ``dict`` entries
-are parsed as JSON when possible, else kept as strings). ``--config FILE.json`` loads a config
-first; later flags override it.
+    python -m experiments.pretrain --model tiny --train.steps 500 --arch n_layers 2
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
-import types
 import typing
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TypeVar
+
+import tyro
 
 T = TypeVar("T")
 
-
-def _bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+_CONFIG_HELP = ("--config FILE.json loads config values from a JSON file first (nested objects "
+                "for nested configs); the other flags override them.")
+_MARKERS = (tyro.conf.FlagConversionOff,)
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True,
+          "false": False, "0": False, "no": False, "off": False}
+_REGISTRY = tyro.constructors.ConstructorRegistry()
 
 
-def _scalar_parser(tp: Any):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        inner = _scalar_parser(args[0])
-        return lambda s: None if s.lower() in ("none", "null") else inner(s)
-    if tp is bool:
-        return _bool
-    if tp in (int, float, str):
-        return tp
-    raise TypeError(f"unsupported config field type {tp!r}")
+@_REGISTRY.primitive_rule
+def _bool_rule(type_info: tyro.constructors.PrimitiveTypeInfo):
+    """Booleans take a value, any case: true/false, yes/no, on/off, 1/0."""
+    if type_info.type is not bool:
+        return None
+
+    def parse(args: list[str]) -> bool:
+        if args[0].lower() not in _BOOLS:
+            raise ValueError(f"expected a boolean (true/false), got {args[0]!r}")
+        return _BOOLS[args[0].lower()]
+
+    return tyro.constructors.PrimitiveConstructorSpec(
+        nargs=1, metavar="{true,false}", instance_from_str=parse,
+        is_instance=lambda x: isinstance(x, bool),
+        str_from_instance=lambda value: [str(value).lower()])
 
 
-def _json_or_str(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None
-
-
-def _fields(cls, instance: Any = None) -> dict[str, tuple[Any, Any]]:
-    """``{dotted name: (type, default)}`` of all scalar fields, recursing into dataclasses. A
-    nested dataclass's defaults are those of the parent's default instance (its
-    ``default_factory``), not the nested class's own."""
-    hints = typing.get_type_hints(cls)
-    out: dict[str, tuple[Any, Any]] = {}
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        default = getattr(instance, f.name) if instance is not None else _default(f)
-        if dataclasses.is_dataclass(tp):
-            for sub, spec in _fields(tp, default).items():
-                out[f"{f.name}.{sub}"] = spec
-        else:
-            out[f.name] = (tp, default)
-    return out
-
-
-def _set(d: dict, dotted: str, value: Any) -> None:
-    head, _, rest = dotted.partition(".")
-    if rest:
-        _set(d.setdefault(head, {}), rest, value)
-    else:
-        d[head] = value
-
-
-def _build(cls, values: dict[str, Any], base: Any = None):
-    """``cls`` from ``values``; unset fields keep the values of ``base`` (the parent's default
-    instance for nested configs), else the class defaults."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields)
+def _with_values(base: T, values: dict[str, Any], where: str) -> T:
+    """``base`` with the fields in ``values`` replaced, recursing into nested dataclasses."""
+    hints = typing.get_type_hints(type(base))
+    fields = {f.name for f in dataclasses.fields(base)}
+    unknown = sorted(set(values) - fields)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
-    kwargs = {}
+        raise ValueError(f"unknown {where} fields {unknown}; known: {sorted(fields)}")
+    changes = {}
     for name, value in values.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            nested = getattr(base, name) if base is not None else _default(fields[name])
-            kwargs[name] = _build(tp, value, nested)
+        nested = getattr(base, name)
+        if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
+            changes[name] = _with_values(nested, value, f"{where}.{name}")
         else:
-            kwargs[name] = value
-    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+            changes[name] = value
+    return dataclasses.replace(base, **changes)
+
+
+def load_config(cls: type[T], path: str | Path, base: T | None = None) -> T:
+    """``base`` (default: ``cls()``) updated with the values of the JSON file at ``path``."""
+    values = json.loads(Path(path).read_text())
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a JSON object")
+    return _with_values(cls() if base is None else base, values, cls.__name__)
+
+
+def _pop_config(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``(path of --config FILE, remaining args)``."""
+    rest, path, args = [], None, list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--config":
+            if not args:
+                raise ValueError("--config needs a FILE.json argument")
+            path = args.pop(0)
+        elif arg.startswith("--config="):
+            path = arg.partition("=")[2]
+        else:
+            rest.append(arg)
+    return path, rest
+
+
+def _prog(cls: type) -> str | None:
+    """``python -m experiments.NAME`` for an experiment's config, else tyro's default."""
+    module = cls.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else ""
+    return f"python -m {module}" if module.startswith("experiments.") else None
+
+
+def _fail(message: str) -> typing.NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None, *,
                  description: str | None = None) -> T:
-    """Build ``cls`` from defaults, an optional ``--config`` JSON file, and dotted flags."""
+    """Build ``cls`` from its defaults, an optional ``--config`` JSON file, and flags.
+
+    Args:
+        cls: a (frozen) dataclass; nested dataclass fields become dotted flag groups.
+        argv: command-line arguments (default: ``sys.argv[1:]``).
+        description: ``--help`` header (default: the class docstring).
+
+    Returns:
+        the config. Unknown flags, unparsable values, bad ``--config`` files and values that
+        the dataclasses' ``__post_init__`` checks reject exit with status 2 and a message on
+        stderr.
+    """
     argv = sys.argv[1:] if argv is None else argv
-    specs = _fields(cls)
-    dict_fields = [name for name, (tp, _) in specs.items()
-                   if tp is dict or typing.get_origin(tp) is dict]
-    epilog = " ".join(f"--{d}.KEY VALUE sets entry KEY of the '{d}' mapping." for d in dict_fields)
-    parser = argparse.ArgumentParser(description=description or cls.__doc__, epilog=epilog,
-                                     allow_abbrev=False)
-    parser.add_argument("--config", help="JSON file with config values (flags override it)")
-    for name, (tp, default) in specs.items():
-        if name in dict_fields:
-            continue
-        parser.add_argument(f"--{name}", type=_scalar_parser(tp), default=argparse.SUPPRESS,
-                            help=f"(default: {default!r})")
-    args, rest = parser.parse_known_args(argv)
-    values: dict[str, Any] = {}
-    if args.config:
-        values = json.loads(open(args.config).read())
-    for name, value in vars(args).items():
-        if name != "config":
-            _set(values, name, value)
-    i = 0
-    while i < len(rest):
-        flag = rest[i]
-        prefix = next((d for d in dict_fields if flag.startswith(f"--{d}.")), None)
-        if prefix is None or i + 1 >= len(rest):
-            parser.error(f"unrecognized argument {flag!r}")
-        _set(values, prefix, {**_get(values, prefix), flag[len(prefix) + 3:]: _json_or_str(
-            rest[i + 1])})
-        i += 2
     try:
-        return _build(cls, values)
-    except (TypeError, ValueError) as e:
-        parser.error(str(e))
-        raise  # unreachable: parser.error exits
-
-
-def _get(d: dict, dotted: str) -> dict:
-    for part in dotted.split("."):
-        d = d.get(part, {})
-    return dict(d)
+        path, rest = _pop_config(argv)
+        default = cls() if path is None else load_config(cls, path)
+    except (OSError, ValueError, TypeError) as e:
+        _fail(str(e))
+    header = description or cls.__doc__ or cls.__name__
+    # tyro reports the ValueErrors of the configs' __post_init__ checks like parse errors
+    return tyro.cli(cls, args=rest, default=default, prog=_prog(cls), use_underscores=True,
+                    description=f"{header.strip()}\n\n{_CONFIG_HELP}", config=_MARKERS,
+                    registry=_REGISTRY)
 
 
 def to_dict(config) -> dict[str, Any]:

@@ -5,12 +5,13 @@
         --text held_out.txt --out runs/salaad-tiny-30pct
 
 Loads the checkpoint's dense model and its surrogate (``<checkpoint>/surrogate/``, see
-:mod:`admm_jax.salaad.surrogate`), allocates ``--budget`` (a fraction of the dense parameter count) with
-mixing coefficient ``--kappa`` (:func:`admm_jax.salaad.hpa.allocate`), rebuilds the dense weights
-(:func:`admm_jax.salaad.hpa.deploy`) and prints ``params: <int>`` — the exact deployed count under the
-convention of :mod:`admm_jax.salaad.hpa`. It then evaluates perplexity exactly like
-``python -m experiments.evaluate`` (on ``--text`` or the checkpoint's validation split) and
-prints ``perplexity: <float>`` as its last line. Allocation + reconstruction time goes to stderr.
+:mod:`admm_jax.salaad.surrogate`), allocates ``--budget`` (a fraction of the dense parameter
+count) with mixing coefficient ``--kappa`` (:func:`admm_jax.salaad.hpa.allocate`), rebuilds the
+dense weights (:func:`admm_jax.salaad.hpa.deploy`) and prints ``params: <int>`` — the exact
+deployed count under the convention of :mod:`admm_jax.salaad.hpa`. It then evaluates perplexity
+exactly like ``python -m experiments.evaluate`` (on ``--text`` or the checkpoint's validation
+split) and prints ``perplexity: <float>`` as its last line. Allocation + reconstruction time
+goes to stderr.
 
 ``--out DIR`` keeps the deployed model as a checkpoint (``python -m experiments.evaluate
 --checkpoint DIR`` evaluates it) whose meta records the corpus split and an ``hpa`` entry (budget,
@@ -25,11 +26,13 @@ import time
 
 import jax
 
+from admm_jax._checks import check_real
 from admm_jax.salaad.hpa import Allocation, allocate, deploy
 from admm_jax.salaad.surrogate import load_surrogate
-from admm_jax.training.checkpoint import LoadedModel, load_model, resolve_checkpoint_dir, save_model
+from admm_jax.training.checkpoint import LoadedModel, resolve_checkpoint_dir, save_model
 from experiments.cli import parse_config
 from experiments.evaluate import EvaluateConfig, evaluate_params
+from experiments.loading import load_model_source
 
 #: Checkpoint meta fields that identify the training corpus split (admm_jax.data.corpus_meta).
 _CORPUS_KEYS = ("corpus", "val_fraction", "split_seed")
@@ -37,13 +40,21 @@ _CORPUS_KEYS = ("corpus", "val_fraction", "split_seed")
 
 @dataclasses.dataclass(frozen=True)
 class DeployConfig(EvaluateConfig):
-    """HPA deployment of ``--checkpoint DIR`` at ``--budget FRACTION`` of its dense size; the
-    evaluation fields are those of :class:`experiments.evaluate.EvaluateConfig`."""
+    """HPA deployment of --checkpoint DIR at --budget FRACTION of its dense size, then the
+    evaluation of experiments.evaluate."""
 
     budget: float = 0.0
+    """Deployed parameter count as a fraction of the dense count, in (0, 1]."""
     kappa: float = 0.5
+    """HPA mixing coefficient: share of the reduction taken from the low-rank parts."""
     exact: bool = True
+    """Spend the budget to within one parameter (else nested kept sets across budgets)."""
     out: str = ""
+    """Keep the deployed model as a checkpoint here (default: write nothing)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_real("kappa", self.kappa, low=0.0, high=1.0)
 
 
 def deploy_checkpoint(cfg: DeployConfig) -> tuple[LoadedModel, Allocation, dict]:
@@ -51,7 +62,7 @@ def deploy_checkpoint(cfg: DeployConfig) -> tuple[LoadedModel, Allocation, dict]
     if not cfg.checkpoint or cfg.model:
         raise ValueError("deploy needs --checkpoint DIR (a checkpoint with a surrogate/), "
                          "not --model")
-    loaded = load_model(cfg.checkpoint)
+    loaded = load_model_source(cfg.checkpoint)
     surrogate = load_surrogate(cfg.checkpoint)
     t0 = time.perf_counter()
     allocation = allocate(surrogate, cfg.budget, cfg.kappa, params=loaded.params,

@@ -35,6 +35,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import jax
 import matplotlib
@@ -44,18 +45,19 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optax
 
-from admm_jax.core.admm import admm_metrics, rho_ramp, state_memory
-from admm_jax.core.tree import path_str
+from admm_jax._checks import check_int, check_real
+from admm_jax._io import atomic_write_json
+from admm_jax.core import admm_metrics, path_str, rho_ramp, state_memory
 from admm_jax.data import calibration_samples, corpus_meta, eval_batches, prepare_corpus
-from admm_jax.elsa import elsa, finalize, sparsity_metrics
+from admm_jax.elsa import elsa, finalize
 from admm_jax.models.llama import abstract_params
-from admm_jax.models.pretrained import PRETRAINED, PretrainedModel
 from admm_jax.pruning import prune
-from admm_jax.training.checkpoint import load_model, save_model
+from admm_jax.training import OptimizerConfig, TrainConfig, adamw, train
+from admm_jax.training.checkpoint import save_model
 from admm_jax.training.lm import make_nll_sum, perplexity
-from admm_jax.training.loop import TrainConfig, adamw, train
 from experiments.cli import parse_config, to_dict
-from experiments.runs import markdown_table, plot_training, run_dir, write_json
+from experiments.loading import load_model_source
+from experiments.runs import markdown_table, plot_training, run_dir
 
 #: the leaves every method prunes: the projection kernels of the decoder blocks
 PRUNED = r"layers/\d+/(attn|mlp)/\w+_proj/kernel"
@@ -67,39 +69,84 @@ class ElsaConfig:
     """ELSA vs one-shot baselines (module docstring). Defaults: the CPU preset."""
 
     name: str = "elsa-smollm2"
+    """Run name: outputs go to RUNS_ROOT/NAME (cached per method and setting; re-runs resume)."""
     model: str = "smollm2"
+    """Pretrained model to prune (ignored when --checkpoint is given)."""
     checkpoint: str = ""
+    """Checkpoint or run directory of this library to prune instead of --model."""
     corpus: str = "shakespeare"
+    """Corpus name (shakespeare, kjv) or a directory / file of .txt documents."""
     runs_root: str = "runs"
+    """Directory that holds the run directories."""
     results: str = "results/elsa.md"
+    """Markdown results table (the plot is written next to it)."""
     settings: str = "0.9,0.8,0.7,0.5,2:4"
+    """Comma-separated sparsity settings: fractions of zeros, or N:M patterns such as 2:4."""
     methods: str = "magnitude,wanda,sparsegpt,elsa"
+    """Comma-separated methods, from magnitude, wanda, sparsegpt, elsa."""
     n_calibration: int = 64
+    """Calibration windows of the one-shot methods (from the train split)."""
     calibration_len: int = 256
+    """Tokens per calibration window."""
     sparsegpt_blocksize: int = 128
+    """Columns SparseGPT prunes per lazy-update block."""
     sparsegpt_damp: float = 0.01
+    """SparseGPT Hessian dampening, as a fraction of the mean diagonal."""
     rho: float = 0.02
-    rho_ramp: str = "exponential"
+    """Initial ADMM penalty ρ (decoupled: the fraction of W − Z + U removed per step)."""
+    rho_ramp: Literal["constant", "linear", "cosine", "exponential"] = "exponential"
+    """Shape of the ρ ramp from RHO to RHO·RHO_FACTOR over the training steps."""
     rho_factor: float = 10.0
+    """Final ρ as a multiple of the initial one."""
     interval: int = 8
+    """Steps between projections of W + U onto the sparsity set (ADMM stage 2)."""
     weighted: bool = True
+    """Score entries by Adam's second moment · w² (diagonal-Hessian weighting), else by w²."""
     state_dtype: str = "float32"
+    """Storage dtype of Z and U (ELSA-L): float32, bfloat16, float8_e4m3fn, float8_e5m2."""
     dense_reference: bool = True
+    """Also fine-tune the dense model with ELSA's optimizer and budget (no sparsity)."""
     eval_seq_len: int = 256
+    """Tokens per held-out evaluation window."""
     eval_batch_size: int = 8
+    """Windows per held-out evaluation batch."""
     eval_batches: int = 8
+    """Held-out evaluation batches; 0 = the whole validation split."""
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
-        steps=150, batch_size=4, seq_len=128, lr=1e-4, min_lr_ratio=0.1, warmup_steps=10,
-        weight_decay=0.0, log_every=5, eval_every=150, eval_batches=4, checkpoint_every=150,
-        keep_checkpoints=1))
+        steps=150, batch_size=4, seq_len=128, log_every=5, eval_every=150, eval_batches=4,
+        checkpoint_every=150, keep_checkpoints=1, optimizer=OptimizerConfig(
+            lr=1e-4, min_lr_ratio=0.1, warmup_steps=10, weight_decay=0.0)))
+    """ELSA's (and the dense reference's) fine-tuning loop and AdamW settings."""
+
+    def __post_init__(self):
+        unknown = set(self.methods.split(",")) - set(METHODS)
+        if unknown:
+            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+        for setting in self.settings.split(","):
+            parse_setting(setting)
+        for name in ("n_calibration", "calibration_len", "sparsegpt_blocksize", "interval",
+                     "eval_seq_len", "eval_batch_size"):
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("eval_batches", self.eval_batches, minimum=0)
+        check_real("rho", self.rho, low=0.0, low_open=True)
+        check_real("rho_factor", self.rho_factor, low=0.0, low_open=True)
+        check_real("sparsegpt_damp", self.sparsegpt_damp, low=0.0)
 
 
 def parse_setting(setting: str) -> tuple[float, str]:
     """``"0.9"`` → (0.9, unstructured); ``"2:4"`` → (0.5, "2:4")."""
-    if ":" in setting:
-        n, m = (int(p) for p in setting.split(":"))
-        return 1 - n / m, setting
-    return float(setting), "unstructured"
+    try:
+        if ":" in setting:
+            n, m = (int(p) for p in setting.split(":"))
+            if not 0 < n < m:
+                raise ValueError
+            return 1 - n / m, setting
+        sparsity = float(setting)
+    except ValueError:
+        raise ValueError(f"sparsity setting must be a fraction in (0, 1) or N:M with "
+                         f"0 < N < M, got {setting!r}") from None
+    check_real("sparsity setting", sparsity, low=0.0, high=1.0, low_open=True, high_open=True)
+    return sparsity, "unstructured"
 
 
 def elsa_optimizer(cfg: ElsaConfig, sparsity: float,
@@ -111,8 +158,8 @@ def elsa_optimizer(cfg: ElsaConfig, sparsity: float,
                     weighted=cfg.weighted, state_dtype=cfg.state_dtype,
                     mask=PRUNED, rho_schedule=schedule, coupling="decoupled",
                     halt_on_nonfinite=True)
-    return optax.chain(optax.clip_by_global_norm(cfg.train.grad_clip), adamw(cfg.train),
-                       sparsify)
+    return optax.chain(optax.clip_by_global_norm(cfg.train.optimizer.grad_clip),
+                       adamw(cfg.train), sparsify)
 
 
 def held_out_perplexity(cfg: ElsaConfig, model_config, params, tokens: np.ndarray) -> float:
@@ -141,8 +188,7 @@ def run_method(cfg: ElsaConfig, method: str, setting: str, model, corpus, calibr
         tx = elsa_optimizer(cfg, sparsity, structure)
         result = train(model.config, corpus, out / "train", cfg.train, tx,
                        tokenizer=model.tokenizer, init=model.params,
-                       state_metrics=lambda s: admm_metrics(s, sparsity_metrics,
-                                                            per_block=False))
+                       state_metrics=lambda s: admm_metrics(s, per_block=False))
         params, masks = finalize(result.params, result.opt_state, sparsity, structure,
                                  weighted=cfg.weighted)
         history = result.history
@@ -166,8 +212,7 @@ def run_method(cfg: ElsaConfig, method: str, setting: str, model, corpus, calibr
 def dense_reference(cfg: ElsaConfig, model, corpus, out: Path) -> dict:
     """The dense model fine-tuned with ELSA's optimizer and budget but no constraint."""
     t0 = time.perf_counter()
-    tx = optax.chain(optax.clip_by_global_norm(cfg.train.grad_clip), adamw(cfg.train))
-    result = train(model.config, corpus, out / "train", cfg.train, tx,
+    result = train(model.config, corpus, out / "train", cfg.train,
                    tokenizer=model.tokenizer, init=model.params)
     return {"method": "dense fine-tuned", "setting": "dense", "sparsity": 0.0,
             "ppl": held_out_perplexity(cfg, model.config, result.params, corpus.val),
@@ -184,17 +229,6 @@ def memory_table(cfg: ElsaConfig, model) -> list[dict]:
         memory = state_memory(jax.eval_shape(tx.init, model.params))
         rows.append({"state_dtype": dtype, "scaling": scaling or "none", **memory})
     return rows
-
-
-def load_pretrained(cfg: ElsaConfig) -> PretrainedModel:
-    """``--checkpoint DIR`` (any model checkpoint of this library) or ``--model NAME``."""
-    if cfg.checkpoint:
-        loaded = load_model(cfg.checkpoint)
-        return PretrainedModel(loaded.config, loaded.params, loaded.tokenizer)
-    if cfg.model not in PRETRAINED:
-        raise ValueError(f"unknown --model {cfg.model!r}; choose one of {sorted(PRETRAINED)} "
-                         "or pass --checkpoint DIR")
-    return PRETRAINED[cfg.model]()
 
 
 #: the config fields each kind of result depends on (a cached result is reused only if they match)
@@ -223,7 +257,7 @@ def _cached(path: Path, cfg: ElsaConfig, kind: str, compute) -> dict:
     shutil.rmtree(path.parent / "train", ignore_errors=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     row = {**compute(), "config": key}
-    write_json(path, row)
+    atomic_write_json(path, row)
     return row
 
 
@@ -275,9 +309,9 @@ def write_summary(cfg: ElsaConfig, root: Path, dense_ppl: float, rows: list[dict
             f"tokens; 0 = all). Dense model: **{dense_ppl:.2f}**.",
             f"Calibration: {cfg.n_calibration} × {cfg.calibration_len} train-split tokens. "
             f"ELSA: {cfg.train.steps} steps × {cfg.train.batch_size} × {cfg.train.seq_len} "
-            f"train-split tokens, AdamW lr {cfg.train.lr:g}, ρ {cfg.rho} ({cfg.rho_ramp} ramp "
-            f"×{cfg.rho_factor}, decoupled), interval {cfg.interval}, weighted={cfg.weighted}, "
-            f"Z/U in {cfg.state_dtype}.\n"]
+            f"train-split tokens, AdamW lr {cfg.train.optimizer.lr:g}, ρ {cfg.rho} "
+            f"({cfg.rho_ramp} ramp ×{cfg.rho_factor}, decoupled), interval {cfg.interval}, "
+            f"weighted={cfg.weighted}, Z/U in {cfg.state_dtype}.\n"]
     if reference:
         text.append(f"Dense model fine-tuned with ELSA's optimizer and budget (no sparsity): "
                     f"**{reference['ppl']:.2f}** ({reference['seconds']:.0f} s) — the share "
@@ -302,15 +336,10 @@ def write_summary(cfg: ElsaConfig, root: Path, dense_ppl: float, rows: list[dict
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(ElsaConfig, argv)
-    unknown = set(cfg.methods.split(",")) - set(METHODS)
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
     settings = cfg.settings.split(",")
-    for s in settings:
-        parse_setting(s)
     root = run_dir(cfg.runs_root, cfg.name)
-    write_json(root / "config.json", to_dict(cfg))
-    model = load_pretrained(cfg)
+    atomic_write_json(root / "config.json", to_dict(cfg))
+    model = load_model_source(cfg.checkpoint, cfg.model)
     corpus = prepare_corpus(cfg.corpus, tokenizer=model.tokenizer)
     calibration = calibration_samples(corpus, cfg.n_calibration, cfg.calibration_len, seed=0)
     dense = _cached(root / "dense.json", cfg, "dense", lambda: {

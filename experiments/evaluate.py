@@ -17,48 +17,47 @@ from pathlib import Path
 
 import jax
 
+from admm_jax._checks import check_int
 from admm_jax.data import encode_text, eval_batches, prepare_corpus
 from admm_jax.models.llama import LlamaConfig, abstract_params
-from admm_jax.models.pretrained import PRETRAINED
-from admm_jax.training.checkpoint import load_model
 from admm_jax.training.lm import make_nll_sum, perplexity
 from experiments.cli import parse_config
+from experiments.loading import load_model_source
 
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
-    """Validation perplexity of ``--checkpoint DIR`` or ``--model NAME``."""
+    """Validation perplexity of --checkpoint DIR or --model NAME."""
 
     checkpoint: str = ""
+    """Checkpoint or run directory of this library (give this or --model)."""
     model: str = ""
+    """Pretrained model name, e.g. smollm2 (give this or --checkpoint)."""
     text: str = ""
+    """Score this UTF-8 text file instead of a corpus's validation split."""
     corpus: str = ""
+    """Corpus whose validation split is scored (default: the checkpoint's own, else shakespeare)."""
     seq_len: int = 256
+    """Tokens per evaluation window (capped at the model's max_seq_len)."""
     batch_size: int = 8
+    """Windows per batch."""
     max_batches: int = 0
+    """Evaluate at most this many batches; 0 = all."""
     cache_dir: str = ""
+    """Cache directory for pretrained models and corpora (default: the library's cache)."""
 
-
-def load_for_eval(cfg: EvaluateConfig):
-    """``(model_config, params, tokenizer, corpus metadata)`` for a checkpoint or a model name.
-
-    The metadata (:func:`admm_jax.data.corpus_meta`) names the corpus and split a checkpoint was
-    trained on; it is empty for pretrained models."""
-    if bool(cfg.checkpoint) == bool(cfg.model):
-        raise ValueError("give exactly one of --checkpoint DIR or --model NAME "
-                         f"(pretrained models: {sorted(PRETRAINED)})")
-    if cfg.checkpoint:
-        loaded = load_model(cfg.checkpoint)
-        return loaded.config, loaded.params, loaded.tokenizer, loaded.meta
-    if cfg.model not in PRETRAINED:
-        raise ValueError(f"unknown --model {cfg.model!r}; choose one of {sorted(PRETRAINED)}")
-    model = PRETRAINED[cfg.model](cache_dir=cfg.cache_dir or None)
-    return model.config, model.params, model.tokenizer, {}
+    def __post_init__(self):
+        check_int("seq_len", self.seq_len, minimum=1)
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_int("max_batches", self.max_batches, minimum=0)
 
 
 def evaluate(cfg: EvaluateConfig) -> float:
     """Load the model named by ``cfg`` and return its perplexity (:func:`evaluate_params`)."""
-    return evaluate_params(cfg, *load_for_eval(cfg))
+    if bool(cfg.checkpoint) == bool(cfg.model):
+        raise ValueError("give exactly one of --checkpoint DIR or --model NAME")
+    loaded = load_model_source(cfg.checkpoint, cfg.model, cache_dir=cfg.cache_dir)
+    return evaluate_params(cfg, loaded.config, loaded.params, loaded.tokenizer, loaded.meta)
 
 
 def evaluate_params(cfg: EvaluateConfig, config: LlamaConfig, params, tokenizer,

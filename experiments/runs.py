@@ -1,8 +1,8 @@
-"""Run directories: ``runs/<name>/`` with config.json, metrics.jsonl, summary.md and plots."""
+"""Run directories: ``runs/<name>/`` with config.json, metrics.jsonl, summary.md and plots
+(JSON files are written with :func:`admm_jax._io.atomic_write_json`)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,12 +21,6 @@ def run_dir(root: str | os.PathLike, name: str) -> Path:
     path = Path(root) / name
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -10,6 +10,14 @@ import pytest
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """The pretrained SmolLM2-135M, loaded once per test process (it takes seconds and 0.5 GB)."""
+    from admm_jax.models.pretrained import load_smollm2
+
+    return load_smollm2()
+
+
 @pytest.fixture
 def run_on_cpu_devices():
     """``run(script, n_devices, timeout=600) -> stdout``: run a Python script in a fresh process

@@ -7,13 +7,15 @@ import numpy as np
 import optax
 import pytest
 
-from admm_jax.core.admm import (
+from admm_jax.core import (
     ADMMState,
+    ProxContext,
     Split,
     admm,
     admm_metrics,
+    admm_state,
     block_states,
-    find_admm_states,
+    blockwise,
     tanh_ramp,
 )
 from admm_jax.core.tree import select, selected_paths
@@ -22,16 +24,14 @@ from admm_jax.models.llama import LlamaConfig, abstract_params
 A = jnp.asarray(np.random.default_rng(0).normal(size=(6, 5)), jnp.float32)
 
 nonneg = Split(init=lambda x: (jnp.maximum(x, 0), None),
-               prox=lambda v, st, rho, curv: (jnp.maximum(v, 0), st),
-               metrics=lambda st: {})
+               prox=blockwise(lambda v, st, ctx: (jnp.maximum(v, 0), st)))
 
 
 def l1_split(lam: float) -> Split:
     """Z-prox of λ‖Z‖₁: the ADMM then solves min ½‖X − A‖² + λ‖X‖₁, solved by soft(A, λ)."""
     return Split(init=lambda x: (x, None),
-                 prox=lambda v, st, rho, curv: (jnp.sign(v) * jnp.maximum(jnp.abs(v) - lam / rho,
-                                                                           0), st),
-                 metrics=lambda st: {})
+                 prox=blockwise(lambda v, st, ctx: (
+                     jnp.sign(v) * jnp.maximum(jnp.abs(v) - lam / ctx.rho, 0), st)))
 
 
 def run(tx, steps: int, params=None, loss=lambda p: 0.5 * jnp.sum((p["w"] - A) ** 2)):
@@ -56,7 +56,7 @@ ALL = {"w": True}
 def test_converges_to_projection_onto_nonnegative_orthant(interval):
     tx = optax.chain(admm(nonneg, rho=1.0, interval=interval, mask=ALL), optax.sgd(0.3))
     params, state = run(tx, 400)
-    (block,) = block_states(find_admm_states(state)[0]).values()
+    (block,) = block_states(state).values()
     np.testing.assert_allclose(params["w"], jnp.maximum(A, 0), atol=1e-4)
     np.testing.assert_allclose(block.z, jnp.maximum(A, 0), atol=1e-4)
     # at the solution the scaled dual is the multiplier of the active constraints: ρU = −∇f
@@ -80,14 +80,80 @@ def test_decoupled_coupling_reaches_same_solution():
     np.testing.assert_allclose(params["w"], jnp.maximum(A, 0), atol=1e-4)
 
 
-def test_stage2_runs_every_k_steps():
-    calls = Split(init=lambda x: (x, jnp.zeros((), jnp.int32)),
-                  prox=lambda v, n, rho, curv: (v, n + 1), metrics=lambda n: {"calls": n})
+def test_stage2_runs_every_k_steps_and_metrics_travel_with_the_state():
+    """The prox sees the update count of its stage 2, and the split's metrics are kept in the
+    block state, so admm_metrics needs nothing but the optimizer state."""
+    def record(v, st, ctx):
+        return v, {"calls": st["calls"] + 1, "step": ctx.step}
+
+    calls = Split(init=lambda x: (x, {"calls": jnp.zeros((), jnp.int32),
+                                      "step": jnp.zeros((), jnp.int32)}),
+                  prox=blockwise(record), metrics=lambda st: {"calls": st["calls"]})
     tx = optax.chain(admm(calls, rho=1.0, interval=4, mask=ALL), optax.sgd(0.1))
     _, state = run(tx, 13)
-    (block,) = block_states(find_admm_states(state)[0]).values()
-    assert int(block.split) == 3  # stage 2 at counts 4, 8, 12
-    assert int(find_admm_states(state)[0].count) == 13
+    (block,) = block_states(state).values()
+    assert int(block.split["calls"]) == 3  # stage 2 at counts 4, 8, 12
+    assert int(block.split["step"]) == 12
+    assert int(admm_state(state).count) == 13
+    metrics = admm_metrics(state)
+    assert int(metrics["w/calls"]) == 3 and int(metrics["admm/calls_mean"]) == 3
+    assert set(metrics) == {"admm/nonfinite", "w/residual", "w/rho", "w/calls",
+                            "admm/residual_mean", "admm/rho_mean", "admm/calls_mean"}
+
+
+def test_curvature_reaches_the_prox_only_when_the_split_asks():
+    """With ``curvature_decay`` the prox gets the EMA of squared gradients, h ← d·h + (1−d)·g²,
+    as of the previous step (stage 2 runs before this step's EMA update); without, ``None``."""
+    seen = []
+
+    def spy(v, st, ctx):
+        seen.append(ctx.curvature)
+        return v, ctx.curvature if ctx.curvature is not None else st
+
+    decay = 0.5
+    split = Split(init=lambda x: (x, jnp.zeros_like(x)), prox=blockwise(spy),
+                  curvature_decay=decay)
+    tx = admm(split, rho=1.0, interval=2, mask=ALL)
+    params = {"w": A}
+    state = tx.init(params)
+    grads = [jnp.full_like(A, g) for g in (1.0, 2.0, 3.0)]
+    for g in grads:
+        _, state = tx.update({"w": g}, state, params)
+    (block,) = block_states(state).values()
+    h = jnp.zeros_like(A)
+    for g in grads[:2]:
+        h = decay * h + (1 - decay) * g * g
+    np.testing.assert_allclose(block.split, h, rtol=1e-6)  # the curvature the stage 2 saw
+    np.testing.assert_allclose(block.curvature, decay * h + (1 - decay) * grads[2] ** 2,
+                               rtol=1e-6)
+    plain = admm(split._replace(curvature_decay=None), rho=1.0, interval=1, mask=ALL)
+    state = plain.init(params)
+    for _ in range(2):
+        _, state = plain.update({"w": A}, state, params)
+    assert seen[-1] is None and block_states(state)["w"].curvature is None
+
+
+def test_blockwise_lift_matches_calling_each_block():
+    split = Split(init=lambda x: (x, None), prox=blockwise(
+        lambda v, st, ctx: (jnp.maximum(v - ctx.rho, 0), st)))
+    vs = [A, 2 * A]
+    contexts = [ProxContext(rho=jnp.asarray(r), step=jnp.asarray(4)) for r in (0.1, 0.7)]
+    zs, states = split.prox(vs, [None, None], contexts)
+    assert isinstance(zs, list) and states == [None, None]
+    for z, v, c in zip(zs, vs, contexts):
+        np.testing.assert_array_equal(z, jnp.maximum(v - c.rho, 0))
+
+
+def test_admm_state_lookup_has_one_error():
+    tx = optax.chain(admm(nonneg, rho=1.0, mask=ALL), optax.sgd(0.1))
+    state = tx.init({"w": A})
+    assert admm_state(state) is state[0]
+    assert admm_state(state[0]) is state[0]
+    for bad in (optax.sgd(0.1).init({"w": A}), (state, state)):
+        with pytest.raises(ValueError, match="expected exactly one ADMMState"):
+            admm_state(bad)
+        with pytest.raises(ValueError, match="expected exactly one ADMMState"):
+            admm_metrics(bad)
 
 
 def test_rho_change_keeps_unscaled_dual():
@@ -96,11 +162,11 @@ def test_rho_change_keeps_unscaled_dual():
     tx = optax.chain(admm(nonneg, rho=0.5, interval=2, mask=ALL, rho_schedule=ramp),
                      optax.sgd(0.2))
     params, state = run(tx, 6)
-    b = next(iter(block_states(find_admm_states(state)[0]).values()))
+    b = next(iter(block_states(state).values()))
     np.testing.assert_allclose(float(b.rho), 0.5 * float(ramp(6 - 2)), rtol=1e-6)
     # one more stage 2 by hand: the prox input uses U rescaled by ρ_old/ρ_new
     tx2 = admm(nonneg, rho=0.5, interval=2, mask=ALL, rho_schedule=ramp)
-    _, state2 = tx2.update({"w": jnp.zeros_like(A)}, find_admm_states(state)[0]._replace(
+    _, state2 = tx2.update({"w": jnp.zeros_like(A)}, admm_state(state)._replace(
         count=jnp.asarray(6, jnp.int32)), params)
     b2 = next(iter(block_states(state2).values()))
     rho_new = 0.5 * float(ramp(6))
@@ -148,9 +214,9 @@ def test_bad_inputs():
         admm(nonneg, rho=1.0, mask=r"^nothing$").init(params)
     with pytest.raises(ValueError, match="non-2-D"):
         admm(nonneg, rho=1.0, mask=r".*").init(params)
-    with pytest.raises(ValueError, match="rho must be > 0"):
+    with pytest.raises(ValueError, match=r"rho must be in \(0.0, inf\)"):
         admm(nonneg, rho=0.0)
-    with pytest.raises(ValueError, match="interval must be > 0"):
+    with pytest.raises(ValueError, match=r"interval must be an integer in \[1, inf\]"):
         admm(nonneg, rho=1.0, interval=0)
     with pytest.raises(TypeError, match="interval"):
         admm(nonneg, rho=1.0, interval=1.5)
@@ -158,6 +224,10 @@ def test_bad_inputs():
         admm(nonneg, rho=1.0, coupling="both")
     with pytest.raises(ValueError, match="n_layers"):
         admm(nonneg, rho=1.0, rho_scaling="shape")
+    with pytest.raises(ValueError, match="rho_scaling"):
+        admm(nonneg, rho=1.0, rho_scaling="layer")
+    with pytest.raises(ValueError, match="residual_balancing mu"):
+        admm(nonneg, rho=1.0, residual_balancing=(1.0, 2.0))
     with pytest.raises(ValueError, match="needs params"):
         tx = admm(nonneg, rho=1.0, mask=ALL)
         tx.update({"w": A}, tx.init({"w": A}))
@@ -209,7 +279,7 @@ def test_compositions_run_under_jit_and_converge(compose):
     params, state = run(tx, steps, params=TWO, loss=two_loss)
     np.testing.assert_allclose(params["w"], jnp.maximum(A, 0), atol=2e-3)
     np.testing.assert_allclose(params["v"], 1.0, atol=2e-3)
-    assert isinstance(find_admm_states(state)[0], ADMMState)
+    assert isinstance(admm_state(state), ADMMState)
     assert "w/residual" in admm_metrics(state)
 
 
@@ -221,4 +291,4 @@ def test_injected_rho_is_used():
     state.hyperparams["rho"] = jnp.asarray(5.0)
     _, state = inj.update({"w": jnp.zeros_like(A)}, state, params)
     _, state = inj.update({"w": jnp.zeros_like(A)}, state, params)
-    assert float(next(iter(block_states(find_admm_states(state)[0]).values())).rho) == 5.0
+    assert float(next(iter(block_states(state).values())).rho) == 5.0

@@ -33,7 +33,7 @@ def test_salaad_experiment_end_to_end(tmp_path, monkeypatch):
         "--budgets", "0.7,1.0", "--rho", "0.1", "--rpca_max_iter", "20",
         "--train.steps", "6", "--train.batch_size", "4", "--train.seq_len", "32",
         "--train.log_every", "2", "--train.eval_every", "6", "--train.eval_batches", "2",
-        "--train.checkpoint_every", "6", "--train.warmup_steps", "1"])
+        "--train.checkpoint_every", "6", "--train.optimizer.warmup_steps", "1"])
     run = tmp_path / "runs" / "toy"
     for name in ("results.json", "summary.md", "budget.png", "blocks.png", "config.json"):
         assert (run / name).is_file(), name
@@ -67,7 +67,7 @@ def test_elsa_experiment_end_to_end(tmp_path, monkeypatch):
         "--settings", "0.75,2:4", "--n_calibration", "4", "--calibration_len", "32",
         "--interval", "2", "--eval_seq_len", "32", "--eval_batch_size", "4",
         "--eval_batches", "2", "--train.steps", "6", "--train.batch_size", "4",
-        "--train.seq_len", "32", "--train.warmup_steps", "1", "--train.log_every", "2",
+        "--train.seq_len", "32", "--train.optimizer.warmup_steps", "1", "--train.log_every", "2",
         "--train.eval_every", "6", "--train.eval_batches", "1", "--train.checkpoint_every", "6"])
     assert {(r["method"], r["setting"]) for r in rows} == {
         (m, s) for m in ("magnitude", "wanda", "sparsegpt", "elsa") for s in ("0.75", "2:4")}

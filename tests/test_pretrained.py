@@ -252,8 +252,10 @@ def write_gguf(model: PretrainedModel, path: Path, arch: str = "llama") -> None:
         layer = p["layers"][i]
         for ours, theirs in [("attn_norm", "attn_norm"), ("mlp_norm", "ffn_norm")]:
             writer.add_tensor(f"blk.{i}.{theirs}.weight", np.asarray(layer[ours]["scale"]))
+        shape = c.block(i)
         for block, proj, theirs, heads in [
-                ("attn", "q_proj", "attn_q", c.n_heads), ("attn", "k_proj", "attn_k", c.n_kv_heads),
+                ("attn", "q_proj", "attn_q", shape.n_heads),
+                ("attn", "k_proj", "attn_k", shape.n_kv_heads),
                 ("attn", "v_proj", "attn_v", None), ("attn", "o_proj", "attn_output", None),
                 ("mlp", "gate_proj", "ffn_gate", None), ("mlp", "up_proj", "ffn_up", None),
                 ("mlp", "down_proj", "ffn_down", None)]:
@@ -286,6 +288,17 @@ def test_gguf_round_trip_is_exact(tmp_path, tiny_tokenizer, name):
     np.testing.assert_array_equal(raw_q, llamacpp_permute(q.T, model.config.n_heads).T)
 
 
+def test_gguf_per_layer_widths_round_trip(tmp_path, tiny_tokenizer):
+    """GGUF arrays of head counts / feed-forward widths (one per block) load as per-layer fields."""
+    config = LlamaConfig(vocab_size=320, dim=32, n_layers=2, n_heads=(4, 2), n_kv_heads=(2, 1),
+                         mlp_dim=(64, 24), max_seq_len=64, head_dim=8)
+    model = random_model(config, tiny_tokenizer)
+    write_gguf(model, tmp_path / "pruned.gguf")
+    loaded = load_gguf(tmp_path / "pruned.gguf")
+    assert loaded.config == config
+    assert trees_equal(loaded.params, model.params)
+
+
 def test_gguf_errors(tmp_path, tiny_tokenizer):
     with pytest.raises(FileNotFoundError, match="GGUF"):
         load_gguf(tmp_path / "absent.gguf")
@@ -298,11 +311,6 @@ def test_gguf_errors(tmp_path, tiny_tokenizer):
 # ---------------------------------------------------------------------------------------------
 # SmolLM2-135M (real pretrained weights)
 # ---------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def smollm2() -> PretrainedModel:
-    return load_smollm2()
-
 
 def perplexity(model: PretrainedModel, params: dict, text: str) -> tuple[float, int]:
     """exp(mean next-token NLL) over non-overlapping windows of <= 512 tokens; token count."""
@@ -413,3 +421,10 @@ def test_greedy_generate_stops(tiny_tokenizer):
     model = random_model(NANO_CONFIGS["tied_head_dim"], tiny_tokenizer)
     assert greedy_generate(model, "To be", 6) != ""
     assert greedy_generate(model, "To be", 6, stop_ids=range(model.config.vocab_size)) == ""
+
+
+def test_hf_save_refuses_per_layer_widths(tmp_path, tiny_tokenizer):
+    config = dataclasses.replace(NANO_CONFIGS["gqa_untied"], mlp_dim=(96, 48))
+    with pytest.raises(ValueError, match="per-layer widths"):
+        save_hf_llama(random_model(config, tiny_tokenizer), tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()

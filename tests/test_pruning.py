@@ -20,7 +20,6 @@ from flax import nnx
 
 from admm_jax.data import calibration_samples, prepare_corpus
 from admm_jax.models.llama import LlamaConfig, forward, init_params
-from admm_jax.models.pretrained import PretrainedModel, load_smollm2
 from admm_jax.ops.projection import keep_count, topk_mask
 from admm_jax.ops.structures import NM, Unstructured
 from admm_jax.pruning import (
@@ -483,11 +482,6 @@ def test_reconstruction_error_ordering(seed, structure):
 # ---------------------------------------------------------------------------------------------
 # SmolLM2-135M: real activations
 # ---------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def smollm2() -> PretrainedModel:
-    return load_smollm2()
-
 
 @pytest.fixture(scope="module")
 def smollm2_block3(smollm2) -> CapturedBlock:

@@ -9,11 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from admm_jax.core.admm import admm_metrics, block_states, find_admm_states
+from admm_jax.core import ProxContext, admm_metrics, block_states
 from admm_jax.models.llama import LlamaConfig, init_params
 from admm_jax.ops import prox
 from admm_jax.salaad.controller import ControllerConfig, i_controller
-from admm_jax.salaad.split import slr_admm, slr_components, slr_metrics, slr_split
+from admm_jax.salaad.split import slr_admm, slr_components, slr_split
 
 
 def test_controller_moves_weights_toward_targets():
@@ -45,7 +45,8 @@ def test_prox_pass_is_one_alternating_sweep():
     _, state = split.init(v * 0.5)
     state = state._replace(alpha=jnp.asarray(2e-3), beta=jnp.asarray(5e-4))
     rho = jnp.asarray(1e-3)
-    z, new = split.prox(v, state, rho, None)
+    ctx = ProxContext(rho=rho, step=jnp.asarray(2, jnp.int32))
+    (z,), (new,) = split.prox([v], [state], [ctx])
     sparse = prox.soft_threshold(v - state.low_rank, 0.5)
     low_rank, _ = prox.svt(v - sparse, 2.0)
     np.testing.assert_allclose(new.sparse, sparse, atol=1e-5)
@@ -56,7 +57,7 @@ def test_prox_pass_is_one_alternating_sweep():
     lr_first = slr_split(order="low_rank_first")
     _, st = lr_first.init(v * 0.5)
     st = st._replace(alpha=jnp.asarray(2e-3), beta=jnp.asarray(5e-4))
-    _, new2 = lr_first.prox(v, st, rho, None)
+    _, (new2,) = lr_first.prox([v], [st], [ctx])
     low_rank2, _ = prox.svt(v - st.sparse, 2.0)
     np.testing.assert_allclose(new2.low_rank, low_rank2, atol=1e-4)
     np.testing.assert_allclose(new2.sparse, prox.soft_threshold(v - low_rank2, 0.5), atol=1e-4)
@@ -86,7 +87,7 @@ def test_recovers_planted_low_rank_plus_sparse(svd):
 
     for _ in range(400):
         params, state = step(params, state)
-    (block,) = block_states(find_admm_states(state)[0]).values()
+    (block,) = block_states(state).values()
     assert abs(float(block.split.rank_ratio) - 0.1) <= 0.05
     assert abs(float(block.split.density) - 0.05) <= 0.03
     assert float(block.residual) < 0.02
@@ -112,7 +113,7 @@ def test_slr_in_chain_on_llama_runs_and_reports_metrics():
     batch = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 17)), jnp.int32)
     for _ in range(6):
         params, state, loss = step(params, state, batch)
-    metrics = admm_metrics(state, slr_metrics)
+    metrics = admm_metrics(state)
     assert "layers/0/attn/q_proj/kernel/rank_ratio" in metrics
     assert "embed/embedding/density" in metrics
     assert not any("lm_head" in k for k in metrics)
@@ -137,7 +138,7 @@ def test_slr_in_training_loop_with_donation(tmp_path):
                       eval_batches=1, checkpoint_every=4)
     tx = optax.chain(slr_admm(rho=1e-3), optax.adamw(1e-3))
     result = train(LlamaConfig.preset("nano"), corpus, tmp_path / "run", cfg, tx,
-                   state_metrics=lambda s: admm_metrics(s, slr_metrics, per_block=False),
+                   state_metrics=lambda s: admm_metrics(s, per_block=False),
                    progress=False)
     assert "admm/rank_ratio_mean" in result.history[-1]
     assert np.isfinite(result.history[-1]["loss"])

@@ -1,21 +1,22 @@
-"""The shared ADMM core: the two-stage splitting transform, its state and metrics, ρ schedules,
-low-precision state storage and pytree leaf selection."""
+"""The shared ADMM core: the two-stage splitting transform (:mod:`~admm_jax.core.admm`), the
+constraint-set interface (:mod:`~admm_jax.core.split`), ρ schedules
+(:mod:`~admm_jax.core.schedules`), the state with its lookup, metrics and memory
+(:mod:`~admm_jax.core.state`), low-precision state storage and pytree leaf selection."""
 
-from admm_jax.core.admm import (
+from admm_jax.core.admm import admm
+from admm_jax.core.schedules import rho_ramp, tanh_ramp
+from admm_jax.core.split import ProxContext, Split, blockwise
+from admm_jax.core.state import (
     ADMMState,
     BlockState,
-    Split,
-    admm,
     admm_metrics,
+    admm_state,
     block_states,
-    find_admm_states,
-    rho_ramp,
     state_memory,
-    tanh_ramp,
 )
 from admm_jax.core.storage import StateStorage
 from admm_jax.core.tree import DEFAULT_PATTERN, path_str, select, selected_paths
 
-__all__ = ["DEFAULT_PATTERN", "ADMMState", "BlockState", "Split", "StateStorage", "admm",
-           "admm_metrics", "block_states", "find_admm_states", "path_str", "rho_ramp", "select",
-           "selected_paths", "state_memory", "tanh_ramp"]
+__all__ = ["DEFAULT_PATTERN", "ADMMState", "BlockState", "ProxContext", "Split", "StateStorage",
+           "admm", "admm_metrics", "admm_state", "block_states", "blockwise", "path_str",
+           "rho_ramp", "select", "selected_paths", "state_memory", "tanh_ramp"]

@@ -12,26 +12,29 @@ with a two-stage ADMM:
 * **stage 2, every K steps** — ``Z ← prox_C(X + U)``, ``U ← U + X − Z`` (SALAAD Alg. 1, second
   stage with J = 1; ELSA's projection step), run under ``lax.cond`` inside the jitted update.
 
-The constraint set enters only through a :class:`Split`: pure per-block ``init``/``prox``/
-``metrics`` functions with their own state (SALAAD: L + S with α, β and the I-controller; ELSA:
-a sparsity projection). Which leaves are constrained is a selection (regex on leaf paths, a bool
-pytree or a callable); the default is every 2-D kernel in the decoder layers plus the token
-embedding (see :data:`admm_jax.core.tree.DEFAULT_PATTERN`).
+The constraint set enters only through a :class:`~admm_jax.core.split.Split`: pure ``init`` /
+``prox`` / ``metrics`` functions with their own state (SALAAD: L + S with α, β and the
+I-controller; ELSA: a sparsity projection). Which leaves are constrained is a selection (regex on
+leaf paths, a bool pytree or a callable); the default is every 2-D kernel in the decoder layers
+plus the token embedding (:data:`admm_jax.core.tree.DEFAULT_PATTERN`).
 
 Place the transform **before** the base optimizer::
 
     tx = optax.chain(optax.clip_by_global_norm(1.0), admm(split, rho=1e-6), optax.adamw(lr))
 
-It composes with ``optax.MultiSteps``, ``optax.inject_hyperparams`` (``rho`` may be injected) and
-``optax.masked``. With ``coupling="decoupled"`` it goes *after* the base optimizer instead and
-pulls the update like decoupled weight decay: ``Δ ← Δ − η_t ρ (X − Z + U)``.
+With ``coupling="decoupled"`` it goes *after* the base optimizer instead and pulls the update
+like decoupled weight decay: ``Δ ← Δ − η_t ρ (X − Z + U)``. It composes with ``optax.MultiSteps``,
+``optax.masked``, ``optax.tree.map_params`` and ``optax.inject_hyperparams`` (``rho`` and
+``decoupled_lr`` may be injected; ``split``, ``interval``, ``mask``, ``n_layers`` and any callable
+``rho`` / ``rho_schedule`` must be ``static_args``). All state arithmetic is fp32 whatever the
+params' dtype; updates keep the dtype of the incoming updates.
 
 ρ per block is ``rho · shape_factor · schedule(t) · balance`` where ``rho`` is a float or a
 function of (path, shape); ``shape_factor`` is 1 (``rho_scaling="none"``) or
 ``1/(n_layers·√(m·n))`` (``"shape"``, the SALAAD scaling law); ``schedule`` is e.g.
-:func:`tanh_ramp`; ``balance`` is the residual-balancing multiplier (Boyd et al. 2011, §3.4.1),
-if enabled. ρ changes only at stage 2, and the scaled dual is rescaled (``U ← U·ρ_old/ρ_new``) so
-that the unscaled dual ``Y = ρU`` is unchanged.
+:func:`~admm_jax.core.schedules.tanh_ramp`; ``balance`` is the residual-balancing multiplier
+(Boyd et al. 2011, §3.4.1), if enabled. ρ changes only at stage 2, and the scaled dual is
+rescaled (``U ← U·ρ_old/ρ_new``) so that the unscaled dual ``Y = ρU`` is unchanged.
 
 References:
     Boyd et al., "Distributed Optimization and Statistical Learning via the Alternating Direction
@@ -43,275 +46,98 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from admm_jax.core.storage import StateStorage, Stored, nbytes
+from admm_jax._checks import check_choice, check_int, check_real
+from admm_jax.core.schedules import Schedule
+from admm_jax.core.split import ProxContext, Split
+from admm_jax.core.state import ADMMState, BlockState, is_block
+from admm_jax.core.storage import StateStorage
 from admm_jax.core.tree import SelectionSpec, path_str, select
 
 Array = jax.Array
+Coupling = Literal["gradient", "decoupled"]
+RhoScaling = Literal["none", "shape"]
+RhoSpec = float | Array | Callable[[str, tuple[int, ...]], float]
 
 
-class Split(NamedTuple):
-    """A constraint set as pure per-block functions.
+class _Config(NamedTuple):
+    """The transform's settings, as the module-level stage-2 functions need them."""
 
-    Attributes:
-        init: ``x: f32[m, n] -> (z0, split_state)``: the initial auxiliary variable and state.
-        prox: ``(v, split_state, rho, curvature) -> (z, split_state)``: ``Z = prox_C(V)`` for
-            ``V = X + U``; ``curvature`` is the per-entry EMA of squared gradients when the
-            transform keeps one (``curvature_decay``), else ``None``.
-        metrics: ``split_state -> {name: scalar}`` per-block diagnostics.
-        joint_prox: optional prox over *all* constrained blocks at once, for constraint sets
-            that couple blocks (e.g. a global sparsity budget): ``(vs, split_states, rhos,
-            curvatures) -> (zs, split_states)`` on lists in pytree-flatten order. Used instead
-            of ``prox`` when set.
-    """
-
-    init: Callable[[Array], tuple[Array, Any]]
-    prox: Callable[[Array, Any, Array, Array | None], tuple[Array, Any]]
-    metrics: Callable[[Any], dict[str, Array]]
-    joint_prox: Callable[[list, list, list, list], tuple[list, list]] | None = None
+    split: Split
+    base_rho: Callable[[str, tuple[int, ...]], Array]  # ρ · shape factor of a block
+    schedule: Schedule
+    residual_balancing: tuple[float, float] | None
+    storage: StateStorage
+    halt_on_nonfinite: bool
 
 
-class BlockState(NamedTuple):
-    """ADMM state of one constrained block."""
+# --- ρ bookkeeping --------------------------------------------------------------------------------
 
-    z: Array | Stored  # auxiliary variable Z ∈ C (stored form, see ``state_storage``)
-    u: Array | Stored  # scaled dual U = Y/ρ (stored form)
-    rho: Array  # ρ in effect (f32 scalar)
-    balance: Array  # residual-balancing multiplier of ρ
-    residual: Array  # ‖X − Z‖_F / ‖X‖_F at the last stage 2
-    curvature: Array | None  # EMA of g² (only with curvature_decay)
-    split: Any  # the split's own state
-
-
-class ADMMState(NamedTuple):
-    count: Array  # int32, updates seen
-    blocks: Any  # params-shaped pytree: BlockState at constrained leaves, MaskedNode elsewhere
-    nonfinite: Array  # int32, constrained blocks with NaN/inf in X, Z or U at the last stage 2
-
-
-def rho_ramp(kind: str, steps: int, factor: float) -> Callable[[Array], Array]:
-    """ρ multiplier ``t -> m(t)`` from 1 at ``t = 0`` toward ``factor``, for ``rho_schedule``.
-
-    ``p = min(t / steps, 1)``; ``"constant"``: 1; ``"linear"``: ``1 + (factor − 1)·p``;
-    ``"cosine"``: ``1 + (factor − 1)·(1 − cos(πp))/2``; ``"exponential"``: ``factor^p``;
-    ``"tanh"``: ``1 + (factor − 1)·tanh(t / steps)`` (SALAAD's ramp, approaches ``factor``).
-    These are ELSA's λ schedules (constant / linear / cosine / exponential) and SALAAD's tanh ramp.
-    """
-    kinds = ("constant", "linear", "cosine", "exponential", "tanh")
-    if kind not in kinds:
-        raise ValueError(f"rho ramp kind must be one of {kinds}, got {kind!r}")
-    if steps <= 0 or factor <= 0:
-        raise ValueError(f"rho ramp needs steps > 0 and factor > 0, got {steps}, {factor}")
-
-    def multiplier(t):
-        t = jnp.asarray(t, jnp.float32)
-        p = jnp.minimum(t / steps, 1.0)
-        if kind == "constant":
-            return jnp.ones_like(t)
-        if kind == "linear":
-            return 1.0 + (factor - 1.0) * p
-        if kind == "cosine":
-            return 1.0 + (factor - 1.0) * 0.5 * (1.0 - jnp.cos(jnp.pi * p))
-        if kind == "exponential":
-            return jnp.asarray(factor, jnp.float32) ** p
-        return 1.0 + (factor - 1.0) * jnp.tanh(t / steps)
-
-    return multiplier
-
-
-def tanh_ramp(steps: int, factor: float = 10.0) -> Callable[[Array], Array]:
-    """SALAAD's ρ ramp ``1 + (factor − 1)·tanh(t / steps)``: ``rho_ramp("tanh", …)``."""
-    return rho_ramp("tanh", steps, factor)
-
-
-def _is_block(x) -> bool:
-    return isinstance(x, (BlockState, optax.MaskedNode))
-
-
-def _check_positive(name: str, value, *, integer: bool = False) -> None:
-    """Validate concrete Python numbers; traced values (inject_hyperparams) pass through."""
-    if isinstance(value, bool) or (integer and not isinstance(value, int)):
-        raise TypeError(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(value, (int, float)) and not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-
-
-def _shape_factor(shape: tuple[int, ...], n_layers: int | None, scaling: str) -> float:
+def _shape_factor(shape: tuple[int, ...], n_layers: int | None, scaling: RhoScaling) -> float:
+    """1, or SALAAD's shape-dependent scaling ``1/(n_layers·√(m·n))``."""
     if scaling == "none":
         return 1.0
     return 1.0 / (n_layers * math.sqrt(shape[0] * shape[1]))
 
 
-def admm(split: Split, rho: float | Callable[[str, tuple[int, ...]], float], *,
-         interval: int = 2, mask: SelectionSpec = None, rho_scaling: str = "none",
-         n_layers: int | None = None, rho_schedule: Callable[[Array], Array] | None = None,
-         residual_balancing: tuple[float, float] | None = None,
-         coupling: str = "gradient", decoupled_lr: float | optax.Schedule = 1.0,
-         curvature_decay: float | None = None,
-         state_storage: StateStorage | str | None = None,
-         halt_on_nonfinite: bool = False) -> optax.GradientTransformationExtraArgs:
-    """The generic two-stage ADMM transform (module docstring).
-
-    Args:
-        split: the constraint set (:class:`Split`).
-        rho: penalty ρ > 0, or ``(path, shape) -> ρ`` for per-block values (e.g. a smaller ρ for
-            the embedding). A float may be injected with ``optax.inject_hyperparams``.
-        interval: K ≥ 1, steps between stage-2 updates.
-        mask: which leaves are constrained (:func:`admm_jax.core.tree.select`); every selected leaf
-            must be 2-D and at least one must be selected.
-        rho_scaling: ``"none"`` or ``"shape"`` (ρ·1/(n_layers·√(mn)), needs ``n_layers``).
-        n_layers: model depth, for ``rho_scaling="shape"``.
-        rho_schedule: ``t -> multiplier`` applied at stage 2, e.g. :func:`tanh_ramp`.
-        residual_balancing: ``(μ, τ)``: after stage 2, multiply ρ by τ if the primal residual
-            exceeds μ× the dual residual, divide by τ in the opposite case.
-        coupling: ``"gradient"`` (add ρ(X − Z + U) to the gradient; put before the base
-            optimizer) or ``"decoupled"`` (subtract η_t ρ(X − Z + U) from the update; put after).
-        decoupled_lr: η_t for decoupled coupling (float or schedule).
-        curvature_decay: if set, keep an EMA of squared gradients per block with this decay and
-            pass it to ``split.prox`` (diagonal-Hessian estimate for weighted projections).
-        state_storage: how Z and U are stored between steps (:class:`admm_jax.core.storage.
-            StateStorage` or a dtype name such as ``"bf16"``, ``"e4m3"``); all arithmetic is
-            fp32. Default fp32 (ELSA-L uses bf16 / fp8).
-        halt_on_nonfinite: raise (through a host callback) when a stage 2 finds NaN/inf in X, Z
-            or U. Either way the count is recorded in ``state.nonfinite``.
-    """
-    _check_positive("interval", interval, integer=True)
-    if not callable(rho):
-        _check_positive("rho", rho)
-    if rho_scaling not in ("none", "shape"):
-        raise ValueError(f"rho_scaling must be 'none' or 'shape', got {rho_scaling!r}")
-    if rho_scaling == "shape":
-        if n_layers is None:
-            raise ValueError("rho_scaling='shape' needs n_layers (the model depth)")
-        _check_positive("n_layers", n_layers, integer=True)
-    if coupling not in ("gradient", "decoupled"):
-        raise ValueError(f"coupling must be 'gradient' or 'decoupled', got {coupling!r}")
-    if residual_balancing is not None:
-        mu, tau = residual_balancing
-        if not (mu > 1 and tau > 1):
-            raise ValueError(f"residual_balancing (mu, tau) must both be > 1, got {mu}, {tau}")
-    if curvature_decay is not None and not 0 <= curvature_decay < 1:
-        raise ValueError(f"curvature_decay must be in [0, 1), got {curvature_decay}")
-    schedule = rho_schedule or (lambda t: jnp.ones((), jnp.float32))
-    if state_storage is None or isinstance(state_storage, str):
-        state_storage = StateStorage(state_storage or "float32")
-    store, load = state_storage.encode, state_storage.decode
-
+def _make_base_rho(rho: RhoSpec, scaling: RhoScaling,
+                   n_layers: int | None) -> Callable[[str, tuple[int, ...]], Array]:
     def base_rho(path: str, shape: tuple[int, ...]) -> Array:
         value = rho(path, shape) if callable(rho) else rho
-        return jnp.asarray(value, jnp.float32) * _shape_factor(shape, n_layers, rho_scaling)
+        return jnp.asarray(value, jnp.float32) * _shape_factor(shape, n_layers, scaling)
 
-    def init_fn(params):
-        selection = select(params, mask)
-        flat = jax.tree_util.tree_flatten_with_path(params)[0]
-        chosen = [(path_str(p), x) for (p, x), keep in
-                  zip(flat, jax.tree_util.tree_leaves(selection)) if keep]
-        if not chosen:
-            raise ValueError("the ADMM mask selects no parameter; pass mask= a regex, bool pytree "
-                             "or callable that selects at least one 2-D leaf")
-        bad = [f"{p} {x.shape}" for p, x in chosen if x.ndim != 2]
-        if bad:
-            raise ValueError(f"the ADMM mask selects non-2-D leaves {bad}; constrained leaves "
-                             "must be matrices")
+    return base_rho
 
-        def init_block(path, x, keep):
-            if not keep:
-                return optax.MaskedNode()
-            # fresh buffers: the state must not alias params (train steps donate both)
-            z, split_state = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True),
-                                                    split.init(x))
-            curvature = None if curvature_decay is None else jnp.zeros_like(x)
-            return BlockState(z=store(z), u=store(jnp.zeros_like(x)),
-                              rho=base_rho(path_str(path), x.shape) * schedule(0),
-                              balance=jnp.ones((), jnp.float32),
-                              residual=jnp.zeros((), jnp.float32), curvature=curvature,
-                              split=split_state)
 
-        blocks = jax.tree_util.tree_map_with_path(init_block, params, selection)
-        return ADMMState(count=jnp.zeros((), jnp.int32), blocks=blocks,
-                         nonfinite=jnp.zeros((), jnp.int32))
+def _scheduled_rho(cfg: _Config, path: str, shape: tuple[int, ...], count: Array,
+                   balance: Array) -> Array:
+    """ρ of a block at stage 2: ``base · schedule(t) · balance``."""
+    return cfg.base_rho(path, shape) * cfg.schedule(count) * balance
 
-    def stage2(blocks, params, count):
-        """``Z ← prox_C(X + U)``, ``U ← U + X − Z`` for every block, then ρ bookkeeping."""
-        flat, treedef = jax.tree_util.tree_flatten_with_path(blocks, is_leaf=_is_block)
-        xs = treedef.flatten_up_to(params)
-        active = [(i, path_str(p), b) for i, (p, b) in enumerate(flat)
-                  if isinstance(b, BlockState)]
-        rhos, us, vs = [], [], []
-        for i, path, b in active:
-            rho_new = base_rho(path, xs[i].shape) * schedule(count) * b.balance
-            u = load(b.u) * (b.rho / rho_new)  # keep Y = ρU fixed when ρ changes
-            rhos.append(rho_new)
-            us.append(u)
-            vs.append(xs[i] + u)
-        states = [b.split for _, _, b in active]
-        curvatures = [b.curvature for _, _, b in active]
-        if split.joint_prox is not None:
-            zs, states = split.joint_prox(vs, states, rhos, curvatures)
-        else:
-            zs, states = zip(*(split.prox(*args) for args in zip(vs, states, rhos, curvatures)))
 
-        new = [b for _, b in flat]
-        flags = []
-        for (i, _, b), rho_new, u, z, split_state in zip(active, rhos, us, zs, states):
-            x = xs[i]
-            u = u + x - z
-            primal = jnp.linalg.norm(x - z)
-            balance = b.balance
-            if residual_balancing is not None:
-                mu, tau = residual_balancing
-                dual = rho_new * jnp.linalg.norm(z - load(b.z))
-                balance = jnp.where(primal > mu * dual, balance * tau,
-                                    jnp.where(dual > mu * primal, balance / tau, balance))
-                rho_next = rho_new * balance / b.balance
-                u = u * (rho_new / rho_next)
-                rho_new = rho_next
-            flags.append(~(jnp.isfinite(x).all() & jnp.isfinite(z).all()
-                           & jnp.isfinite(u).all()))
-            new[i] = b._replace(z=store(z), u=store(u), rho=rho_new, balance=balance,
-                                residual=primal / jnp.maximum(jnp.linalg.norm(x), 1e-30),
-                                split=split_state)
-        nonfinite = jnp.sum(jnp.stack(flags).astype(jnp.int32))
-        if halt_on_nonfinite:
-            jax.debug.callback(_raise_if_nonfinite, nonfinite, count)
-        return jax.tree_util.tree_unflatten(treedef, new), nonfinite
+def _rescale_dual(u: Array, rho_old: Array, rho_new: Array) -> Array:
+    """``U·ρ_old/ρ_new``: the scaled dual after a change of ρ, keeping ``Y = ρU`` fixed."""
+    return u * (rho_old / rho_new)
 
-    def update_fn(updates, state: ADMMState, params=None, **extra_args):
-        del extra_args
-        if params is None:
-            raise ValueError("the ADMM transform needs params: call tx.update(grads, state, "
-                             "params)")
-        count = state.count
-        do_stage2 = (count > 0) & (count % interval == 0)
-        blocks, nonfinite = jax.lax.cond(
-            do_stage2, lambda: stage2(state.blocks, params, count),
-            lambda: (state.blocks, state.nonfinite))
 
-        if curvature_decay is not None:
-            blocks = jax.tree_util.tree_map(
-                lambda b, g: b if isinstance(b, optax.MaskedNode) else b._replace(
-                    curvature=curvature_decay * b.curvature + (1 - curvature_decay) * g * g),
-                blocks, updates, is_leaf=_is_block)
+def _balanced(primal: Array, dual: Array, balance: Array, mu: float, tau: float) -> Array:
+    """Residual balancing (Boyd et al. §3.4.1): the multiplier of ρ times τ when the primal
+    residual exceeds μ× the dual one, divided by τ in the opposite case."""
+    return jnp.where(primal > mu * dual, balance * tau,
+                     jnp.where(dual > mu * primal, balance / tau, balance))
 
-        if coupling == "gradient":
-            scale = 1.0
-        else:
-            scale = -(decoupled_lr(count) if callable(decoupled_lr) else decoupled_lr)
 
-        def couple(g, x, b):
-            if isinstance(b, optax.MaskedNode):
-                return g
-            return g + scale * b.rho * (x - load(b.z) + load(b.u))
+# --- stage 2 --------------------------------------------------------------------------------------
 
-        new_updates = jax.tree_util.tree_map(couple, updates, params, blocks)
-        return new_updates, ADMMState(count=count + 1, blocks=blocks, nonfinite=nonfinite)
+def _dual_step(cfg: _Config, b: BlockState, x: Array, z: Array, u: Array, rho: Array,
+               split_state: Any) -> tuple[BlockState, Array]:
+    """After the prox: ``U ← U + X − Z``, then residuals and balancing; the new block state and
+    the new U before storage."""
+    u = u + x - z
+    primal = jnp.linalg.norm(x - z)
+    balance = b.balance
+    if cfg.residual_balancing is not None:
+        dual = rho * jnp.linalg.norm(z - cfg.storage.decode(b.z))
+        balance = _balanced(primal, dual, b.balance, *cfg.residual_balancing)
+        rho_next = rho * balance / b.balance
+        u = _rescale_dual(u, rho, rho_next)
+        rho = rho_next
+    new = b._replace(z=cfg.storage.encode(z), u=cfg.storage.encode(u), rho=rho, balance=balance,
+                     residual=primal / jnp.maximum(jnp.linalg.norm(x), 1e-30),
+                     split=split_state, metrics=cfg.split.metrics(split_state))
+    return new, u
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+def _count_nonfinite(xs: list[Array], zs: list[Array], us: list[Array]) -> Array:
+    """Number of blocks with a NaN/inf in X, Z or U (int32)."""
+    flags = [~(jnp.isfinite(x).all() & jnp.isfinite(z).all() & jnp.isfinite(u).all())
+             for x, z, u in zip(xs, zs, us)]
+    return jnp.sum(jnp.stack(flags).astype(jnp.int32))
 
 
 def _raise_if_nonfinite(nonfinite, count) -> None:
@@ -321,65 +147,180 @@ def _raise_if_nonfinite(nonfinite, count) -> None:
             "block(s); lower the learning rate or ρ, or enable gradient clipping")
 
 
-def find_admm_states(opt_state) -> list[ADMMState]:
-    """Every :class:`ADMMState` inside a (chained, masked, multi-step, injected) optax state."""
-    leaves = jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, ADMMState))
-    return [x for x in leaves if isinstance(x, ADMMState)]
+def _stage2(cfg: _Config, blocks: Any, params: Any, count: Array) -> tuple[Any, Array]:
+    """``Z ← prox_C(X + U)``, ``U ← U + X − Z`` over all blocks, with ρ bookkeeping."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(blocks, is_leaf=is_block)
+    leaves = [b for _, b in flat]
+    active = [i for i, b in enumerate(leaves) if isinstance(b, BlockState)]
+    paths = [path_str(flat[i][0]) for i in active]
+    olds = [leaves[i] for i in active]
+    xs = treedef.flatten_up_to(params)
+    xs = [xs[i].astype(jnp.float32) for i in active]
+    # 1. ρ of this stage and the dual rescaled to it; the prox input V = X + U
+    rhos = [_scheduled_rho(cfg, path, x.shape, count, b.balance)
+            for path, x, b in zip(paths, xs, olds)]
+    us = [_rescale_dual(cfg.storage.decode(b.u), b.rho, rho) for b, rho in zip(olds, rhos)]
+    vs = [x + u for x, u in zip(xs, us)]
+    # 2. one prox over every constrained block
+    contexts = [ProxContext(rho=rho, step=count, curvature=b.curvature)
+                for b, rho in zip(olds, rhos)]
+    zs, split_states = cfg.split.prox(vs, [b.split for b in olds], contexts)
+    # 3. dual ascent and residual balancing per block
+    for k, (i, b, x, z, rho, split_state) in enumerate(
+            zip(active, olds, xs, zs, rhos, split_states)):
+        leaves[i], us[k] = _dual_step(cfg, b, x, z, us[k], rho, split_state)
+    # 4. the non-finite check
+    nonfinite = _count_nonfinite(xs, zs, us)
+    if cfg.halt_on_nonfinite:
+        jax.debug.callback(_raise_if_nonfinite, nonfinite, count)
+    return jax.tree_util.tree_unflatten(treedef, leaves), nonfinite
 
 
-def block_states(state: ADMMState) -> dict[str, BlockState]:
-    """``{path: BlockState}`` of the constrained blocks."""
-    flat = jax.tree_util.tree_flatten_with_path(
-        state.blocks, is_leaf=lambda x: isinstance(x, BlockState))[0]
-    return {path_str(p): b for p, b in flat if isinstance(b, BlockState)}
+# --- stage 1 and init -----------------------------------------------------------------------------
+
+def _update_curvature(blocks: Any, updates: Any, decay: float) -> Any:
+    """EMA of squared gradients per block, ``h ← d·h + (1 − d)·g²`` (fp32)."""
+    def ema(b, g):
+        if not isinstance(b, BlockState):
+            return b
+        g = g.astype(jnp.float32)
+        return b._replace(curvature=decay * b.curvature + (1 - decay) * g * g)
+
+    return jax.tree_util.tree_map(ema, blocks, updates, is_leaf=is_block)
 
 
-def admm_metrics(opt_state, split_metrics: Callable[[Any], dict[str, Array]] | None = None,
-                 *, per_block: bool = True) -> dict[str, Array]:
-    """Scalars to log: per block ``"<path>/{residual,rho,...}"`` and means ``"admm/<name>"``.
+def _couple(updates: Any, params: Any, blocks: Any, scale: Array | float,
+            storage: StateStorage) -> Any:
+    """``g + scale·ρ(X − Z + U)`` at constrained leaves, in the dtype of ``g``."""
+    def couple(g, x, b):
+        if not isinstance(b, BlockState):
+            return g
+        pull = scale * b.rho * (x - storage.decode(b.z) + storage.decode(b.u))
+        return (g + pull).astype(g.dtype)
+
+    return jax.tree_util.tree_map(couple, updates, params, blocks)
+
+
+def _init_block(cfg: _Config, path: str, x: Array) -> BlockState:
+    x = x.astype(jnp.float32)
+    z, split_state = cfg.split.init(x)
+    # fresh buffers: the state must not alias params or itself (train steps donate both)
+    z, split_state, metrics = jax.tree_util.tree_map(
+        lambda a: jnp.array(a, copy=True), (z, split_state, cfg.split.metrics(split_state)))
+    curvature = None if cfg.split.curvature_decay is None else jnp.zeros_like(x)
+    return BlockState(z=cfg.storage.encode(z), u=cfg.storage.encode(jnp.zeros_like(x)),
+                      rho=cfg.base_rho(path, x.shape) * cfg.schedule(0),
+                      balance=jnp.ones((), jnp.float32), residual=jnp.zeros((), jnp.float32),
+                      curvature=curvature, split=split_state, metrics=metrics)
+
+
+def _checked_selection(params: Any, mask: SelectionSpec) -> Any:
+    """The bool selection of ``mask`` over ``params``, after checking it picks 2-D leaves."""
+    selection = select(params, mask)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    chosen = [(path_str(p), x) for (p, x), keep in
+              zip(flat, jax.tree_util.tree_leaves(selection)) if keep]
+    if not chosen:
+        raise ValueError("the ADMM mask selects no parameter; pass mask= a regex, bool pytree "
+                         "or callable that selects at least one 2-D leaf")
+    bad = [f"{p} {x.shape}" for p, x in chosen if x.ndim != 2]
+    if bad:
+        raise ValueError(f"the ADMM mask selects non-2-D leaves {bad}; constrained leaves "
+                         "must be matrices")
+    return selection
+
+
+def _check_arguments(rho, interval, rho_scaling, n_layers, residual_balancing, coupling,
+                     decoupled_lr) -> None:
+    if not callable(rho):
+        check_real("rho", rho, low=0.0, low_open=True, allow_traced=True)
+    check_int("interval", interval, 1)
+    check_choice("rho_scaling", rho_scaling, get_args(RhoScaling))
+    if rho_scaling == "shape":
+        if n_layers is None:
+            raise ValueError("rho_scaling='shape' needs n_layers (the model depth)")
+        check_int("n_layers", n_layers, 1)
+    check_choice("coupling", coupling, get_args(Coupling))
+    if residual_balancing is not None:
+        mu, tau = residual_balancing
+        check_real("residual_balancing mu", mu, low=1.0, low_open=True)
+        check_real("residual_balancing tau", tau, low=1.0, low_open=True)
+    if not callable(decoupled_lr):
+        check_real("decoupled_lr", decoupled_lr, low=0.0, allow_traced=True)
+
+
+def admm(split: Split, rho: RhoSpec, *, interval: int = 2, mask: SelectionSpec = None,
+         rho_scaling: RhoScaling = "none", n_layers: int | None = None,
+         rho_schedule: Schedule | None = None,
+         residual_balancing: tuple[float, float] | None = None,
+         coupling: Coupling = "gradient", decoupled_lr: float | optax.Schedule = 1.0,
+         state_storage: StateStorage | str | None = None,
+         halt_on_nonfinite: bool = False) -> optax.GradientTransformationExtraArgs:
+    """The generic two-stage ADMM transform (module docstring).
 
     Args:
-        opt_state: any optimizer state containing one :class:`ADMMState`.
-        split_metrics: the split's ``metrics`` function (adds e.g. rank ratio and density).
-        per_block: include one entry per block (else only the means and ``admm/nonfinite``).
+        split: the constraint set (:class:`~admm_jax.core.split.Split`).
+        rho: penalty ρ > 0, or ``(path, shape) -> ρ`` for per-block values (e.g. a smaller ρ for
+            the embedding). A float may be injected with ``optax.inject_hyperparams``.
+        interval: K ≥ 1, steps between stage-2 updates (static).
+        mask: which leaves are constrained (:func:`admm_jax.core.tree.select`); every selected leaf
+            must be 2-D and at least one must be selected.
+        rho_scaling: ``"none"`` or ``"shape"`` (ρ·1/(n_layers·√(mn)), needs ``n_layers``).
+        n_layers: model depth, for ``rho_scaling="shape"``.
+        rho_schedule: ``t -> multiplier`` applied at stage 2, e.g. :func:`tanh_ramp`.
+        residual_balancing: ``(μ, τ)``, both > 1: after stage 2, multiply ρ by τ if the primal
+            residual exceeds μ× the dual residual, divide by τ in the opposite case.
+        coupling: ``"gradient"`` (add ρ(X − Z + U) to the gradient; put before the base
+            optimizer) or ``"decoupled"`` (subtract η_t ρ(X − Z + U) from the update; put after).
+        decoupled_lr: η_t ≥ 0 for decoupled coupling (float or schedule of the update count).
+        state_storage: how Z and U are stored between steps (:class:`admm_jax.core.storage.
+            StateStorage` or a dtype name such as ``"bf16"``, ``"e4m3"``); all arithmetic is
+            fp32. Default fp32 (ELSA-L uses bf16 / fp8).
+        halt_on_nonfinite: raise (through a host callback) when a stage 2 finds NaN/inf in X, Z
+            or U. Either way the count is recorded in ``state.nonfinite``.
+
+    Returns:
+        The transform; its state is an :class:`~admm_jax.core.state.ADMMState`. ``init`` on a
+        params tree without leaves (``optax.tree.map_params``' placeholder) gives a state whose
+        ``blocks`` is that tree, so ``map_params`` maps ``f`` over every leaf of the blocks.
     """
-    states = find_admm_states(opt_state)
-    if len(states) != 1:
-        raise ValueError(f"expected exactly one ADMM state in the optimizer state, found "
-                         f"{len(states)}")
-    (state,) = states
-    out: dict[str, Array] = {"admm/nonfinite": state.nonfinite}
-    sums: dict[str, list[Array]] = {}
-    for path, b in block_states(state).items():
-        values = {"residual": b.residual, "rho": b.rho}
-        if split_metrics is not None:
-            values.update(split_metrics(b.split))
-        for name, value in values.items():
-            sums.setdefault(name, []).append(value)
-            if per_block:
-                out[f"{path}/{name}"] = value
-    out.update({f"admm/{name}_mean": jnp.mean(jnp.stack(v)) for name, v in sums.items()})
-    return out
+    _check_arguments(rho, interval, rho_scaling, n_layers, residual_balancing, coupling,
+                     decoupled_lr)
+    if state_storage is None or isinstance(state_storage, str):
+        state_storage = StateStorage(state_storage or "float32")
+    cfg = _Config(split=split, base_rho=_make_base_rho(rho, rho_scaling, n_layers),
+                  schedule=rho_schedule or (lambda t: jnp.ones((), jnp.float32)),
+                  residual_balancing=residual_balancing, storage=state_storage,
+                  halt_on_nonfinite=halt_on_nonfinite)
 
+    def init_fn(params):
+        if jax.tree_util.tree_leaves(params):
+            blocks = jax.tree_util.tree_map_with_path(
+                lambda p, x, keep: _init_block(cfg, path_str(p), x) if keep
+                else optax.MaskedNode(), params, _checked_selection(params, mask))
+        else:  # nothing to constrain (e.g. the placeholder of optax.tree.map_params)
+            blocks = params
+        return ADMMState(count=jnp.zeros((), jnp.int32), blocks=blocks,
+                         nonfinite=jnp.zeros((), jnp.int32))
 
-def state_memory(opt_state) -> dict[str, float]:
-    """Bytes of ADMM state, measured from the state pytree (ELSA-L memory accounting).
+    def update_fn(updates, state: ADMMState, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError("the ADMM transform needs params: call tx.update(grads, state, "
+                             "params)")
+        count = state.count
+        # 1. stage 2 every K steps: Z ← prox_C(X + U), U ← U + X − Z, ρ bookkeeping
+        blocks, nonfinite = jax.lax.cond(
+            (count > 0) & (count % interval == 0),
+            lambda: _stage2(cfg, state.blocks, params, count),
+            lambda: (state.blocks, state.nonfinite))
+        # 2. the curvature estimate, for splits that ask for one
+        if split.curvature_decay is not None:
+            blocks = _update_curvature(blocks, updates, split.curvature_decay)
+        # 3. stage 1: couple X to Z + U (added to the gradient, or pulled from the update)
+        scale = 1.0 if coupling == "gradient" else -(
+            decoupled_lr(count) if callable(decoupled_lr) else decoupled_lr)
+        updates = _couple(updates, params, blocks, scale, cfg.storage)
+        return updates, ADMMState(count=count + 1, blocks=blocks, nonfinite=nonfinite)
 
-    Returns ``{"params": constrained entries, "z", "u", "curvature", "split", "scalars", "total"
-    (bytes), "per_param": total / params, "z_u_per_param": (z + u) / params}``; stored
-    low-precision values count their scales.
-    """
-    (state,) = find_admm_states(opt_state)
-    blocks = list(block_states(state).values())
-    parts = {name: sum(nbytes(getattr(b, name)) for b in blocks)
-             for name in ("z", "u", "curvature", "split")}
-    parts["scalars"] = sum(nbytes((b.rho, b.balance, b.residual)) for b in blocks)
-    n = sum(_decoded_size(b.z) for b in blocks)
-    out: dict[str, float] = {"params": n, **parts, "total": sum(parts.values())}
-    out["per_param"] = out["total"] / n
-    out["z_u_per_param"] = (parts["z"] + parts["u"]) / n
-    return out
-
-
-def _decoded_size(z) -> int:
-    return (z.values if isinstance(z, Stored) else z).size
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,14 +1,18 @@
 """Model definitions and loaders."""
 
+from admm_jax.models.config import PRESETS, BlockShape, LlamaConfig
 from admm_jax.models.llama import (
-    PRESETS,
+    LinearFactory,
+    LinearSpec,
     Llama,
-    LlamaConfig,
     abstract_params,
     count_params,
+    dense_linear,
     forward,
     init_params,
+    sown_inputs,
 )
 
-__all__ = ["PRESETS", "Llama", "LlamaConfig", "abstract_params", "count_params", "forward",
-           "init_params"]
+__all__ = ["PRESETS", "BlockShape", "LinearFactory", "LinearSpec", "Llama", "LlamaConfig",
+           "abstract_params", "count_params", "dense_linear", "forward", "init_params",
+           "sown_inputs"]

@@ -12,6 +12,20 @@ The module tree reads like the architecture diagram::
     ├── final_norm    RMSNorm
     └── lm_head       Linear[dim, vocab]   (absent when embeddings are tied)
 
+Widths may differ per block (:class:`~admm_jax.models.config.LlamaConfig` takes one ``n_heads``,
+``n_kv_heads`` and ``mlp_dim`` per block), so a structurally pruned model is an ordinary model.
+
+Every projection is built by one :data:`LinearFactory` ``(LinearSpec, config, rngs) -> module``,
+passed as ``Llama(config, rngs=..., linear=...)`` / ``init_params(config, key, linear=...)``;
+the default :func:`dense_linear` is a bias-free ``nnx.Linear`` at ``layers/{i}/attn/q_proj``
+etc. Adapters and compact sparse or low-rank layers plug in there.
+
+Activation hooks: each module sows the input of each of its linears as ``nnx.Intermediate``
+(the style of flax's ``examples/gemma``), off by default so a normal forward pays nothing;
+:func:`sown_inputs` runs a module with them on and returns ``{"attn/q_proj/inputs": x, ...}``.
+One-shot compression (:mod:`admm_jax.pruning.capture`) reads its statistics from these hooks, so
+whatever a factory-built or wrapped linear does is seen downstream.
+
 Linear kernels are stored ``[in, out]`` (Flax convention). Parameters are fp32; an optional
 ``compute_dtype`` (e.g. ``"bfloat16"``) casts activations and weights for the matmuls. Logits are
 always returned in fp32.
@@ -29,115 +43,37 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from admm_jax.models.config import PRESETS, BlockShape, LlamaConfig
+
+__all__ = [
+    "PRESETS",
+    "Attention",
+    "BlockShape",
+    "DecoderBlock",
+    "LinearFactory",
+    "LinearSpec",
+    "Llama",
+    "LlamaConfig",
+    "SwiGLU",
+    "abstract_params",
+    "apply_rope",
+    "causal_attention",
+    "count_params",
+    "dense_linear",
+    "forward",
+    "init_params",
+    "rope_tables",
+    "sown_inputs",
+]
+
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    """Hyper-parameters of a :class:`Llama` model.
-
-    Attributes:
-        vocab_size: number of token ids.
-        dim: residual-stream width.
-        n_layers: number of decoder blocks.
-        n_heads: number of query heads.
-        n_kv_heads: number of key/value heads (``n_heads % n_kv_heads == 0``; GQA when smaller).
-        mlp_dim: hidden width of the SwiGLU MLP.
-        max_seq_len: longest sequence the model accepts.
-        head_dim: per-head width; defaults to ``dim // n_heads``.
-        rope_base: RoPE frequency base.
-        norm_eps: RMSNorm epsilon.
-        tie_embeddings: reuse the token embedding as the output projection.
-        compute_dtype: dtype of activations and matmuls (params stay fp32).
-        init_std: standard deviation of the normal weight initialisation.
-    """
-
-    vocab_size: int
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    mlp_dim: int
-    max_seq_len: int
-    head_dim: int | None = None
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    compute_dtype: str = "float32"
-    init_std: float = 0.02
-
-    def __post_init__(self):
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "mlp_dim",
-                     "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"LlamaConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
-                f"({self.n_kv_heads})")
-        if self.head_dim is None and self.dim % self.n_heads:
-            raise ValueError(
-                f"LlamaConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) "
-                "unless head_dim is given")
-        if self.resolved_head_dim % 2:
-            raise ValueError(f"head dim must be even for RoPE, got {self.resolved_head_dim}")
-        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(
-                "LlamaConfig.compute_dtype must be one of float32, bfloat16, float16, "
-                f"got {self.compute_dtype!r}")
-
-    @property
-    def resolved_head_dim(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> LlamaConfig:
-        """A named preset (see :data:`PRESETS`) with optional field overrides."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown LlamaConfig fields {sorted(unknown)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-
-#: Model presets. ``nano`` is for tests (< 1 M params), ``tiny`` for CPU demos (~7 M params), and
-#: ``60m`` … ``1b`` follow the LLaMA sizes used by the SALAAD paper (GaLore configurations with a
-#: 32k vocabulary and sequence length 256) for accelerators.
-PRESETS: dict[str, LlamaConfig] = {
-    "nano": LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=172,
-                        max_seq_len=128),
-    "tiny": LlamaConfig(vocab_size=8192, dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
-                        mlp_dim=688, max_seq_len=256),
-    "60m": LlamaConfig(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=8,
-                       mlp_dim=1376, max_seq_len=256),
-    "130m": LlamaConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=12,
-                        mlp_dim=2048, max_seq_len=256),
-    "350m": LlamaConfig(vocab_size=32000, dim=1024, n_layers=24, n_heads=16, n_kv_heads=16,
-                        mlp_dim=2736, max_seq_len=256),
-    "1b": LlamaConfig(vocab_size=32000, dim=2048, n_layers=24, n_heads=32, n_kv_heads=32,
-                      mlp_dim=5461, max_seq_len=256),
-}
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[Array, Array]:
@@ -177,9 +113,49 @@ def causal_attention(q: Array, k: Array, v: Array) -> Array:
     return out.reshape(b, t, hq, d)
 
 
-def _linear(din: int, dout: int, config: LlamaConfig, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=False, dtype=jnp.dtype(config.compute_dtype),
-                      param_dtype=jnp.float32,
+# ---------------------------------------------------------------------------------------------
+# Linear factory
+# ---------------------------------------------------------------------------------------------
+
+LinearName = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                     "lm_head"]
+_GROUPS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+class LinearSpec(NamedTuple):
+    """Which linear layer a :data:`LinearFactory` is asked to build.
+
+    Attributes:
+        name: the projection (``"q_proj"`` … ``"down_proj"``, or ``"lm_head"``).
+        layer: its decoder block, or ``None`` for ``lm_head``.
+        in_features: input width.
+        out_features: output width.
+    """
+
+    name: LinearName
+    layer: int | None
+    in_features: int
+    out_features: int
+
+    @property
+    def path(self) -> str:
+        """Its path in the parameter tree, e.g. ``"layers/3/attn/q_proj"`` or ``"lm_head"``."""
+        if self.layer is None:
+            return self.name
+        return f"layers/{self.layer}/{_GROUPS[self.name]}/{self.name}"
+
+
+#: ``(spec, config, rngs) -> module`` mapping ``[..., in_features] -> [..., out_features]``. Every
+#: linear of a :class:`Llama` is built by one, so adapters and compact layers can replace them.
+LinearFactory = Callable[[LinearSpec, LlamaConfig, nnx.Rngs], nnx.Module]
+
+
+def dense_linear(spec: LinearSpec, config: LlamaConfig, rngs: nnx.Rngs) -> nnx.Linear:
+    """The default factory: a bias-free ``nnx.Linear`` (kernel ``[in, out]``, fp32, normal
+    initialisation with ``config.init_std``, matmul in ``config.compute_dtype``)."""
+    return nnx.Linear(spec.in_features, spec.out_features, use_bias=False,
+                      dtype=jnp.dtype(config.compute_dtype), param_dtype=jnp.float32,
                       kernel_init=nnx.initializers.normal(config.init_std), rngs=rngs)
 
 
@@ -188,65 +164,117 @@ def _rmsnorm(config: LlamaConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
                        param_dtype=jnp.float32, rngs=rngs)
 
 
-class Attention(nnx.Module):
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+class _Hooked(nnx.Module):
+    """A module that can record the input of each of its linears (off by default).
+
+    ``nnx.view(model, sow_inputs=True)`` turns the hooks on (a static attribute, so the default
+    graph and its compiled forward are untouched); under ``nnx.capture(..., nnx.Intermediate)`` the
+    input of linear ``name`` is then sown as ``Intermediate`` ``"inputs"`` of that linear, at the
+    parameter path of the linear (``attn/q_proj/inputs``). The sow happens here, in the parent,
+    so it records what any factory-built (or wrapped) linear receives.
+    """
+
+    sow_inputs: bool = False
+
+    def set_view(self, sow_inputs: bool | None = None):
+        """Used by ``nnx.view``.
+
+        Args:
+            sow_inputs: record the inputs of this module's linears.
+        """
+        if sow_inputs is not None:
+            self.sow_inputs = sow_inputs
+
+    def _sow(self, target: str | None, name: str, value: Array) -> Array:
+        """``value``, sown as ``name`` on child ``target`` (``None``: self) if hooks are on."""
+        if self.sow_inputs:
+            (self if target is None else getattr(self, target)).sow(nnx.Intermediate, name, value)
+        return value
+
+    def _linear(self, name: str, x: Array) -> Array:
+        """Linear ``name`` applied to ``x``, with its input hook."""
+        return getattr(self, name)(self._sow(name, "inputs", x))
+
+
+class Attention(_Hooked):
     """Multi-head causal self-attention with RoPE and grouped-query KV heads."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        hd = config.resolved_head_dim
-        self.q_proj = _linear(config.dim, config.n_heads * hd, config, rngs)
-        self.k_proj = _linear(config.dim, config.n_kv_heads * hd, config, rngs)
-        self.v_proj = _linear(config.dim, config.n_kv_heads * hd, config, rngs)
-        self.o_proj = _linear(config.n_heads * hd, config.dim, config, rngs)
+    def __init__(self, config: LlamaConfig, layer: int, *, rngs: nnx.Rngs,
+                 linear: LinearFactory = dense_linear):
+        self.n_heads, self.n_kv_heads, self.head_dim, _ = config.block(layer)
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        for name, d_in, d_out in [("q_proj", config.dim, q_dim), ("k_proj", config.dim, kv_dim),
+                                  ("v_proj", config.dim, kv_dim), ("o_proj", q_dim, config.dim)]:
+            setattr(self, name, linear(LinearSpec(name, layer, d_in, d_out), config, rngs))
 
     def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
-        c = self.config
         b, t, _ = x.shape
-        hd = c.resolved_head_dim
-        q = self.q_proj(x).reshape(b, t, c.n_heads, hd)
-        k = self.k_proj(x).reshape(b, t, c.n_kv_heads, hd)
-        v = self.v_proj(x).reshape(b, t, c.n_kv_heads, hd)
+        hd = self.head_dim
+        q = self._linear("q_proj", x).reshape(b, t, self.n_heads, hd)
+        k = self._linear("k_proj", x).reshape(b, t, self.n_kv_heads, hd)
+        v = self._linear("v_proj", x).reshape(b, t, self.n_kv_heads, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self.o_proj(causal_attention(q, k, v).reshape(b, t, c.n_heads * hd))
+        return self._linear("o_proj", causal_attention(q, k, v).reshape(b, t, self.n_heads * hd))
 
 
-class SwiGLU(nnx.Module):
+class SwiGLU(_Hooked):
     """``down(silu(gate(x)) * up(x))``."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        self.gate_proj = _linear(config.dim, config.mlp_dim, config, rngs)
-        self.up_proj = _linear(config.dim, config.mlp_dim, config, rngs)
-        self.down_proj = _linear(config.mlp_dim, config.dim, config, rngs)
+    def __init__(self, config: LlamaConfig, layer: int, *, rngs: nnx.Rngs,
+                 linear: LinearFactory = dense_linear):
+        d, hidden = config.dim, config.block(layer).mlp_dim
+        for name, d_in, d_out in [("gate_proj", d, hidden), ("up_proj", d, hidden),
+                                  ("down_proj", hidden, d)]:
+            setattr(self, name, linear(LinearSpec(name, layer, d_in, d_out), config, rngs))
 
     def __call__(self, x: Array) -> Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = jax.nn.silu(self._linear("gate_proj", x)) * self._linear("up_proj", x)
+        return self._linear("down_proj", hidden)
 
 
-class DecoderBlock(nnx.Module):
-    """Pre-norm residual block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+class DecoderBlock(_Hooked):
+    """Pre-norm residual block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    With hooks on it also sows the residual stream after attention as ``Intermediate`` ``"mid"``.
+    """
+
+    def __init__(self, config: LlamaConfig, layer: int, *, rngs: nnx.Rngs,
+                 linear: LinearFactory = dense_linear):
         self.attn_norm = _rmsnorm(config, rngs)
-        self.attn = Attention(config, rngs=rngs)
+        self.attn = Attention(config, layer, rngs=rngs, linear=linear)
         self.mlp_norm = _rmsnorm(config, rngs)
-        self.mlp = SwiGLU(config, rngs=rngs)
+        self.mlp = SwiGLU(config, layer, rngs=rngs, linear=linear)
 
     def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+        x = self._sow(None, "mid", x + self.attn(self.attn_norm(x), cos, sin))
         return x + self.mlp(self.mlp_norm(x))
 
 
-class Llama(nnx.Module):
-    """LLaMA-style decoder. ``model(tokens: int[B, T]) -> logits: f32[B, T, vocab]``."""
+class Llama(_Hooked):
+    """LLaMA-style decoder. ``model(tokens: int[B, T]) -> logits: f32[B, T, vocab]``.
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    Args:
+        config: the architecture (widths may differ per block, see :class:`LlamaConfig`).
+        rngs: initialisation keys.
+        linear: the factory that builds every q/k/v/o/gate/up/down projection and ``lm_head``
+            (default :func:`dense_linear`); kept as ``model.linear_factory``.
+    """
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs,
+                 linear: LinearFactory = dense_linear):
         self.config = config
+        self.linear_factory = linear
         self.embed = nnx.Embed(config.vocab_size, config.dim, param_dtype=jnp.float32,
                                embedding_init=nnx.initializers.normal(config.init_std), rngs=rngs)
-        self.layers = nnx.List([DecoderBlock(config, rngs=rngs) for _ in range(config.n_layers)])
+        self.layers = nnx.List([DecoderBlock(config, i, rngs=rngs, linear=linear)
+                                for i in range(config.n_layers)])
         self.final_norm = _rmsnorm(config, rngs)
-        self.lm_head = None if config.tie_embeddings else _linear(
-            config.dim, config.vocab_size, config, rngs)
+        self.lm_head = None if config.tie_embeddings else linear(
+            LinearSpec("lm_head", None, config.dim, config.vocab_size), config, rngs)
 
     def embed_tokens(self, tokens: Array) -> Array:
         """Token ids ``[B, T]`` to the residual stream ``[B, T, dim]`` (validates the length)."""
@@ -268,7 +296,7 @@ class Llama(nnx.Module):
         if self.lm_head is None:
             logits = h @ self.embed.embedding[...].astype(h.dtype).T
         else:
-            logits = self.lm_head(h)
+            logits = self._linear("lm_head", h)
         return logits.astype(jnp.float32)
 
     def __call__(self, tokens: Array) -> Array:
@@ -279,25 +307,42 @@ class Llama(nnx.Module):
         return self.unembed(h)
 
 
+def sown_inputs(module: nnx.Module, *args: Any) -> tuple[Any, dict[str, Array]]:
+    """Run ``module`` (a :class:`Llama`, :class:`DecoderBlock`, … ) on ``args`` with its hooks on.
+
+    Returns:
+        ``(output, sown)``: the module's output and ``{path: value}`` for everything its hooks
+        sowed, keyed by path relative to ``module``: ``"attn/q_proj/inputs"`` (the input of that
+        linear), ``"mid"`` (a block's residual stream after attention), or with a
+        ``"layers/{i}/"`` prefix when ``module`` is the whole model.
+    """
+    out, sown = nnx.capture(nnx.view(module, sow_inputs=True), nnx.Intermediate)(*args)
+    flat = nnx.to_flat_state(sown)
+    return out, {"/".join(map(str, path)): var.get_value()[-1] for path, var in flat}
+
+
 def count_params(params: Any) -> int:
     """Total number of scalars in a parameter pytree."""
     return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
 
 
-def init_params(config: LlamaConfig, key: Array) -> tuple[nnx.GraphDef, dict]:
+def init_params(config: LlamaConfig, key: Array, *,
+                linear: LinearFactory = dense_linear) -> tuple[nnx.GraphDef, dict]:
     """Build a :class:`Llama` and split it into its static graph and a pure-dict param pytree.
 
     The pure dict (``{"embed": {"embedding": …}, "layers": {0: {"attn": …}}, …}``) is what
     optimizers, ADMM transforms and checkpoints operate on; :func:`forward` merges it back.
+    ``linear`` is the model's linear factory (see :class:`Llama`).
     """
-    model = Llama(config, rngs=nnx.Rngs(params=key))
+    model = Llama(config, rngs=nnx.Rngs(params=key), linear=linear)
     graphdef, state = nnx.split(model)
     return graphdef, nnx.to_pure_dict(state)
 
 
-def abstract_params(config: LlamaConfig) -> tuple[nnx.GraphDef, dict]:
+def abstract_params(config: LlamaConfig, *,
+                    linear: LinearFactory = dense_linear) -> tuple[nnx.GraphDef, dict]:
     """Like :func:`init_params` but with ``jax.ShapeDtypeStruct`` leaves (no allocation)."""
-    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(params=0)))
+    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(params=0), linear=linear))
     graphdef, state = nnx.split(model)
     return graphdef, nnx.to_pure_dict(state)
 

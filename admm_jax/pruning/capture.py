@@ -17,7 +17,10 @@ sequential protocol of SparseGPT (Frantar & Alistarh, 2023, Sec. 3) and Wanda (S
 Sec. 3). Only the residual stream ``[n, T, dim]`` of the current block and the summed statistics are
 kept, never the ``[n·T, in]`` inputs of every linear of the model.
 
-The inputs of the linears of a block are named by *site* (see :class:`BlockActivations`)::
+The activations are not recomputed here: each block runs its *own* forward with the model's input
+hooks on (:func:`admm_jax.models.llama.sown_inputs`), so a linear built by a custom factory (an
+adapter, a compact sparse layer) is seen exactly as the model applies it. The inputs of the
+linears of a block are named by *site* (see :class:`BlockActivations`)::
 
     attn_in    = attn_norm(x)                  -> attn/q_proj, attn/k_proj, attn/v_proj
     attn_ctx   = softmax attention, pre o_proj -> attn/o_proj
@@ -46,13 +49,16 @@ from flax import nnx
 from jax import lax
 from tqdm.auto import tqdm
 
+from admm_jax._checks import check_int
 from admm_jax.models.llama import (
     DecoderBlock,
+    LinearFactory,
+    Llama,
     LlamaConfig,
     abstract_params,
-    apply_rope,
-    causal_attention,
+    dense_linear,
     rope_tables,
+    sown_inputs,
 )
 
 Array = jax.Array
@@ -71,6 +77,11 @@ LINEAR_INPUTS: dict[str, str] = {
     "mlp/up_proj": "mlp_in",
     "mlp/down_proj": "mlp_hidden",
 }
+
+#: The sown input that defines each site: that of the first linear reading it.
+_SITE_SOURCES: dict[str, str] = {
+    site: next(f"{linear}/inputs" for linear, s in LINEAR_INPUTS.items() if s == site)
+    for site in INPUT_SITES}
 
 
 class BlockActivations(NamedTuple):
@@ -96,26 +107,19 @@ class BlockActivations(NamedTuple):
 
 
 def block_activations(block: DecoderBlock, x: Array, cos: Array, sin: Array) -> BlockActivations:
-    """Runs ``block`` on ``x: [B, T, dim]`` and returns all of its intermediates.
+    """Runs ``block``'s own forward on ``x: [B, T, dim]`` with its input hooks on and returns all
+    of its intermediates (``out`` is ``block(x, cos, sin)``; every site is what the block's linears
+    actually received)."""
+    out, sown = sown_inputs(block, x, cos, sin)
+    sites = {site: sown[source] for site, source in _SITE_SOURCES.items()}
+    return BlockActivations(x=x, mid=sown["mid"], out=out, **sites)
 
-    Follows :class:`~admm_jax.models.llama.DecoderBlock` operation by operation, so ``out`` equals
-    ``block(x, cos, sin)``.
-    """
-    attn, mlp = block.attn, block.mlp
-    c = attn.config
-    b, t, _ = x.shape
-    hd = c.resolved_head_dim
-    attn_in = block.attn_norm(x)
-    q = attn.q_proj(attn_in).reshape(b, t, c.n_heads, hd)
-    k = attn.k_proj(attn_in).reshape(b, t, c.n_kv_heads, hd)
-    v = attn.v_proj(attn_in).reshape(b, t, c.n_kv_heads, hd)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    attn_ctx = causal_attention(q, k, v).reshape(b, t, c.n_heads * hd)
-    mid = x + attn.o_proj(attn_ctx)
-    mlp_in = block.mlp_norm(mid)
-    mlp_hidden = jax.nn.silu(mlp.gate_proj(mlp_in)) * mlp.up_proj(mlp_in)
-    out = mid + mlp.down_proj(mlp_hidden)
-    return BlockActivations(x, attn_in, attn_ctx, mid, mlp_in, mlp_hidden, out)
+
+def site_widths(config: LlamaConfig, layer: int) -> dict[str, int]:
+    """The width of every site of :data:`INPUT_SITES` in decoder block ``layer``."""
+    shape = config.block(layer)
+    return {"attn_in": config.dim, "attn_ctx": shape.n_heads * shape.head_dim,
+            "mlp_in": config.dim, "mlp_hidden": shape.mlp_dim}
 
 
 def _rows(a: Array) -> Array:
@@ -143,15 +147,9 @@ def sqnorm_stats(acts: BlockActivations) -> dict[str, Array]:
             for site in INPUT_SITES}
 
 
-@functools.cache
-def _abstract_params(config: LlamaConfig) -> dict:
-    return abstract_params(config)[1]
-
-
-@functools.cache
-def _block_def(config: LlamaConfig) -> nnx.GraphDef:
-    return nnx.split(nnx.eval_shape(lambda: DecoderBlock(config, rngs=nnx.Rngs(0))))[0]
-
+# ---------------------------------------------------------------------------------------------
+# Compiled per-block steps (one compilation per block graph and shapes, shared by the blocks)
+# ---------------------------------------------------------------------------------------------
 
 def _stat(block_def: nnx.GraphDef, stat: Statistic, block_params: dict, x: Array, cos: Array,
           sin: Array) -> Any:
@@ -173,11 +171,15 @@ def _activations(block_def: nnx.GraphDef, block_params: dict, x: Array, cos: Arr
 @functools.partial(jax.jit, static_argnums=(0,))
 def _output(block_def: nnx.GraphDef, block_params: dict, x: Array, cos: Array,
             sin: Array) -> Array:
-    return block_activations(nnx.merge(block_def, block_params), x, cos, sin).out
+    return nnx.merge(block_def, block_params)(x, cos, sin)
 
 
 def _batches(n: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def _rope(config: LlamaConfig, seq_len: int) -> tuple[Array, Array]:
+    return rope_tables(seq_len, config.resolved_head_dim, config.rope_base)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +194,8 @@ class CapturedBlock:
         stats: the statistic summed over all ``n·T`` calibration tokens, computed with ``params``.
         config: the model's configuration.
         batch_size: calibration samples per forward pass of :meth:`activations`.
+        block_def: the block's graph (with the model's linear factory); ``None`` builds the
+            default dense block of ``config``.
     """
 
     index: int
@@ -200,6 +204,7 @@ class CapturedBlock:
     stats: Any
     config: LlamaConfig = dataclasses.field(repr=False)
     batch_size: int = dataclasses.field(repr=False)
+    block_def: nnx.GraphDef | None = dataclasses.field(default=None, repr=False)
 
     @property
     def n_tokens(self) -> int:
@@ -211,8 +216,10 @@ class CapturedBlock:
         with ``params`` (default: the block's current parameters). Computed on request in
         mini-batches; holds ``n·T·(3·dim + n_heads·head_dim + mlp_dim + 2·dim)`` floats."""
         params = self.params if params is None else params
+        block_def = self.block_def
+        if block_def is None:
+            block_def = _dense_block_def(self.config, self.index)
         cos, sin = _rope(self.config, self.inputs.shape[1])
-        block_def = _block_def(self.config)
         parts = [_activations(block_def, params, self.inputs[s], cos, sin)
                  for s in _batches(self.inputs.shape[0], self.batch_size)]
         return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
@@ -221,8 +228,18 @@ class CapturedBlock:
 Callback = Callable[[CapturedBlock], dict]
 
 
-def _rope(config: LlamaConfig, seq_len: int) -> tuple[Array, Array]:
-    return rope_tables(seq_len, config.resolved_head_dim, config.rope_base)
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+@functools.cache
+def _abstract_params(config: LlamaConfig, linear: LinearFactory) -> dict:
+    return abstract_params(config, linear=linear)[1]
+
+
+@functools.cache
+def _dense_block_def(config: LlamaConfig, layer: int) -> nnx.GraphDef:
+    return nnx.graphdef(nnx.eval_shape(lambda: DecoderBlock(config, layer, rngs=nnx.Rngs(0))))
 
 
 def _same_shapes(a: Any, b: Any) -> bool:
@@ -232,24 +249,34 @@ def _same_shapes(a: Any, b: Any) -> bool:
     return tree_a == tree_b and all(np.shape(x) == np.shape(y) for x, y in zip(flat_a, flat_b))
 
 
-def resolve_config(model: LlamaConfig | nnx.GraphDef, params: dict) -> LlamaConfig:
-    """The :class:`LlamaConfig` of ``model`` (a config, or the graphdef of a :class:`Llama`),
-    after checking that ``params`` have exactly its parameter shapes."""
+def _model(model: LlamaConfig | nnx.GraphDef, params: dict) -> Llama:
+    """The :class:`Llama` of ``model`` (a config: dense linears; a graphdef: its own) holding
+    ``params``, after checking that they have the shapes its config and factory imply."""
     if isinstance(model, LlamaConfig):
-        config = model
+        graphdef, factory = abstract_params(model)[0], dense_linear
     elif isinstance(model, nnx.GraphDef):
-        config = getattr(nnx.merge(model, params), "config", None)
-        if not isinstance(config, LlamaConfig):
-            raise TypeError("model must be a LlamaConfig or the graphdef of a Llama model")
+        graphdef, factory = model, None
     else:
         raise TypeError(f"model must be a LlamaConfig or an nnx.GraphDef, got "
                         f"{type(model).__name__}")
-    if not _same_shapes(params, _abstract_params(config)):
+    try:
+        llama = nnx.merge(graphdef, params)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"params do not match the model's graph: {e}") from e
+    if not isinstance(llama, Llama):
+        raise TypeError("model must be a LlamaConfig or the graphdef of a Llama model")
+    factory = factory or llama.linear_factory
+    if not _same_shapes(params, _abstract_params(llama.config, factory)):
         raise ValueError("params do not match the model: expected the structure and shapes of "
-                         "init_params(config) for the given config")
-    return config
+                         "init_params(config, linear=...) for the given config and factory")
+    return llama
 
 
+def resolve_config(model: LlamaConfig | nnx.GraphDef, params: dict) -> LlamaConfig:
+    """The :class:`LlamaConfig` of ``model`` (a config, or the graphdef of a :class:`Llama`),
+    after checking that ``params`` have exactly its parameter shapes (those of
+    ``init_params(config, linear=model.linear_factory)``; per-layer widths included)."""
+    return _model(model, params).config
 def check_tokens(tokens: Any, config: LlamaConfig, seq_len: int | None = None) -> np.ndarray:
     """Validates calibration tokens eagerly and returns them as int32 ``[n, T]``.
 
@@ -299,8 +326,9 @@ def capture_blocks(model: LlamaConfig | nnx.GraphDef, params: dict, tokens: Any,
     ``h_{i+1} = block(θ_i, h_i)`` with the new ``θ_i``.
 
     Args:
-        model: the model's :class:`LlamaConfig` or its graphdef (from ``init_params``).
-        params: parameter pytree with the structure of ``init_params(config)``.
+        model: the model's :class:`LlamaConfig` (dense linears) or its graphdef (from
+            ``init_params``; its blocks run as built, adapters or custom linears included).
+        params: parameter pytree with the structure of ``init_params(config, linear=...)``.
         tokens: calibration token ids ``int[n, T]`` (e.g. from
             :func:`admm_jax.data.calibration_samples`).
         callback: ``CapturedBlock -> block params``; return ``block.params`` to keep the block.
@@ -317,37 +345,36 @@ def capture_blocks(model: LlamaConfig | nnx.GraphDef, params: dict, tokens: Any,
         result, and the residual stream ``[n, T, dim]`` after the last processed block (before the
         final norm).
     """
-    config = resolve_config(model, params)
+    llama = _model(model, params)
+    config = llama.config
     tokens = check_tokens(tokens, config, seq_len)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if num_blocks is None:
-        num_blocks = config.n_layers
-    elif not isinstance(num_blocks, int) or not 0 <= num_blocks <= config.n_layers:
-        raise ValueError(f"num_blocks must be an integer in [0, {config.n_layers}], got "
-                         f"{num_blocks!r}")
+    batch_size = check_int("batch_size", batch_size, 1)
+    num_blocks = config.n_layers if num_blocks is None else check_int(
+        "num_blocks", num_blocks, 0, config.n_layers)
 
-    n, t = tokens.shape
-    dtype = jnp.dtype(config.compute_dtype)
-    hidden = jnp.take(jnp.asarray(params["embed"]["embedding"]), jnp.asarray(tokens),
-                      axis=0).astype(dtype)
-    cos, sin = _rope(config, t)
-    block_def = _block_def(config)
-    batches = _batches(n, batch_size)
+    batches = _batches(tokens.shape[0], batch_size)
+    hidden = llama.embed_tokens(jnp.asarray(tokens))
+    cos, sin = llama.rope(tokens.shape[1])
     layers = dict(params["layers"])
     for i in tqdm(range(num_blocks), desc="blocks", unit="block", file=sys.stderr,
                   disable=not verbose, leave=False):
-        block_params = layers[i]
-        shapes = jax.eval_shape(functools.partial(_stat, block_def, stats), block_params,
-                                hidden[batches[0]], cos, sin)
-        acc = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        for s in batches:
-            acc = _accumulate(block_def, stats, acc, block_params, hidden[s], cos, sin)
-        captured = CapturedBlock(index=i, params=block_params, inputs=hidden, stats=acc,
-                                 config=config, batch_size=batch_size)
-        block_params = _check_block_params(callback(captured), block_params, i)
-        layers[i] = block_params
+        block_def, block_params = nnx.graphdef(llama.layers[i]), layers[i]
+        captured = CapturedBlock(
+            index=i, params=block_params, inputs=hidden, config=config, batch_size=batch_size,
+            stats=_sum_stat(block_def, stats, block_params, hidden, cos, sin, batches),
+            block_def=block_def)
+        layers[i] = block_params = _check_block_params(callback(captured), block_params, i)
         hidden = jnp.concatenate([_output(block_def, block_params, hidden[s], cos, sin)
                                   for s in batches])
     return {**params, "layers": layers}, hidden
 
+
+def _sum_stat(block_def: nnx.GraphDef, stat: Statistic, block_params: dict, hidden: Array,
+              cos: Array, sin: Array, batches: list[slice]) -> Any:
+    """``Σ_batches stat(block_activations(block, hidden[batch]))``."""
+    shapes = jax.eval_shape(functools.partial(_stat, block_def, stat), block_params,
+                            hidden[batches[0]], cos, sin)
+    acc = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    for s in batches:
+        acc = _accumulate(block_def, stat, acc, block_params, hidden[s], cos, sin)
+    return acc

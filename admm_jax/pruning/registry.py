@@ -269,6 +269,6 @@ def prune(model: LlamaConfig | nnx.GraphDef, params: dict, calibration: Any = No
                   for i in tqdm(range(config.n_layers), desc=method, unit="block",
                                 file=sys.stderr, disable=not verbose, leave=False)}
         return {**params, "layers": layers}, masks
-    pruned, _ = capture_blocks(config, params, calibration, callback, stats=pruner.stats,
+    pruned, _ = capture_blocks(model, params, calibration, callback, stats=pruner.stats,
                                batch_size=batch_size, verbose=verbose)
     return pruned, masks

@@ -30,9 +30,13 @@ class ControllerConfig:
     """Targets and integral gains of the SALAAD controller."""
 
     target_rank_ratio: float = 0.15
+    """Target effective-rank ratio Γ̂ of each block's low-rank part L, in (0, 1)."""
     target_density: float = 0.05
+    """Target density Υ̂ (fraction of non-zeros) of each block's sparse part S, in (0, 1)."""
     alpha_step: float = 0.2
+    """Integral gain Δα of the nuclear-norm weight: α ← α + ρ·(Γ − Γ̂)·Δα (≥ 0)."""
     beta_step: float = 0.002
+    """Integral gain Δβ of the ℓ1 weight: β ← β + ρ·(Υ − Υ̂)·Δβ (≥ 0)."""
 
     def __post_init__(self):
         for name in ("target_rank_ratio", "target_density"):

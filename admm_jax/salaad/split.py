@@ -19,6 +19,10 @@ and ``svd="subspace"``, a randomized subspace iteration warm-started from the pr
 singular vectors with a rank cap of ``rank_cap_ratio·min(m, n)``
 (:func:`admm_jax.ops.prox.svt_subspace`); it is matmul-only and works on sharded weights.
 
+Under ``optax.inject_hyperparams`` only ``rho`` and ``decoupled_lr`` may be injected; pass
+``interval``, ``energy``, ``rank_cap_ratio``, ``n_iter``, ``seed`` (and any callable ``rho`` or
+``rho_schedule``) as ``static_args``.
+
 Initialisation (not specified by the paper; our choice): L = X, S = 0, α = β = 0, so Z = X and
 the coupling starts at zero; the controller then raises the thresholds from zero.
 """
@@ -26,18 +30,25 @@ the coupling starts at zero; the controller then raises the thresholds from zero
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from admm_jax.core.admm import Split, admm, block_states, find_admm_states
+from admm_jax._checks import check_choice, check_int, check_real
+from admm_jax.core.admm import Coupling, RhoScaling, RhoSpec, admm
+from admm_jax.core.schedules import Schedule
+from admm_jax.core.split import ProxContext, Split, blockwise
+from admm_jax.core.state import block_states
+from admm_jax.core.storage import StateStorage
 from admm_jax.core.tree import SelectionSpec
 from admm_jax.ops import prox
 from admm_jax.salaad.controller import ControllerConfig, i_controller
 
 Array = jax.Array
+Order = Literal["sparse_first", "low_rank_first"]
+SVD = Literal["exact", "subspace"]
 
 
 class SLRState(NamedTuple):
@@ -54,91 +65,109 @@ class SLRState(NamedTuple):
 
 
 def slr_metrics(state: SLRState) -> dict[str, Array]:
-    """Per-block SALAAD metrics : rank ratio, density, α, β."""
+    """Per-block SALAAD metrics: rank ratio, density, α, β (the split's ``metrics``)."""
     return {"rank_ratio": state.rank_ratio, "density": state.density, "alpha": state.alpha,
             "beta": state.beta}
 
 
+def _rank_cap(shape: tuple[int, ...], rank_cap_ratio: float) -> int:
+    return max(1, math.ceil(rank_cap_ratio * min(shape)))
+
+
+def _init_state(x: Array, svd: SVD, rank_cap_ratio: float, seed: int) -> SLRState:
+    """L = X, S = 0, α = β = 0 (and zero warm-start factors for the subspace back-end)."""
+    factors = key = None
+    if svd == "subspace":
+        cap = _rank_cap(x.shape, rank_cap_ratio)
+        factors = prox.LowRank(u=jnp.zeros((x.shape[0], cap), x.dtype),
+                               s=jnp.zeros((cap,), x.dtype),
+                               v=jnp.zeros((x.shape[1], cap), x.dtype))
+        key = jax.random.key(seed)
+    zero = jnp.zeros((), jnp.float32)
+    return SLRState(low_rank=x, sparse=jnp.zeros_like(x), alpha=zero, beta=zero,
+                    rank_ratio=jnp.ones((), jnp.float32), density=zero, factors=factors, key=key)
+
+
+def _low_rank_prox(y: Array, tau: Array, state: SLRState, svd: SVD, rank_cap_ratio: float,
+                   n_iter: int) -> tuple[Array, prox.LowRank, Array | None]:
+    """Singular-value soft-threshold of ``y`` at ``tau``: exact, or by warm-started subspace
+    iteration (returns the matrix, its factors and the advanced PRNG key)."""
+    if svd == "exact":
+        return (*prox.svt(y, tau), state.key)
+    key, sub = jax.random.split(state.key)
+    warm = jnp.any(state.factors.s > 0)
+    lr_matrix, factors = prox.svt_subspace(
+        y, tau, jax.tree_util.tree_map(lambda a: jnp.where(warm, a, 0), state.factors),
+        rank_cap=_rank_cap(y.shape, rank_cap_ratio), n_iter=n_iter, key=sub)
+    return lr_matrix, factors, key
+
+
 def slr_split(controller: ControllerConfig | None = None, *, energy: float = 0.999,
-              order: str = "sparse_first", svd: str = "exact", rank_cap_ratio: float = 0.25,
+              order: Order = "sparse_first", svd: SVD = "exact", rank_cap_ratio: float = 0.25,
               n_iter: int = 2, seed: int = 0) -> Split:
     """The L + S split with the I-controller (see module docstring).
 
     Args:
         controller: targets and gains (default :class:`ControllerConfig`: Γ̂ = 0.15, Υ̂ = 0.05,
             Δα = 0.2, Δβ = 0.002).
-        energy: γ of the effective rank (smallest r whose singular-value share reaches γ).
+        energy: γ in ``(0, 1]`` of the effective rank (smallest r whose singular-value share
+            reaches γ).
         order: ``"sparse_first"`` (official) or ``"low_rank_first"``.
         svd: ``"exact"`` or ``"subspace"`` (fast, rank-capped).
-        rank_cap_ratio: rank cap of the subspace back-end as a fraction of ``min(m, n)``.
-        n_iter: subspace iterations per stage 2.
+        rank_cap_ratio: rank cap of the subspace back-end as a fraction in ``(0, 1]`` of
+            ``min(m, n)``.
+        n_iter: subspace iterations per stage 2 (≥ 1).
         seed: PRNG seed of the subspace back-end.
+
+    Returns:
+        The split; its per-block prox is one alternating pass (J = 1) followed by the
+        controller step, and its metrics are :func:`slr_metrics`.
     """
     controller = ControllerConfig() if controller is None else controller
-    if not 0 < energy <= 1:
-        raise ValueError(f"energy must be in (0, 1], got {energy!r}")
-    if order not in ("sparse_first", "low_rank_first"):
-        raise ValueError(f"order must be 'sparse_first' or 'low_rank_first', got {order!r}")
-    if svd not in ("exact", "subspace"):
-        raise ValueError(f"svd must be 'exact' or 'subspace', got {svd!r}")
-    if not 0 < rank_cap_ratio <= 1:
-        raise ValueError(f"rank_cap_ratio must be in (0, 1], got {rank_cap_ratio!r}")
-
-    def rank_cap(shape) -> int:
-        return max(1, math.ceil(rank_cap_ratio * min(shape)))
+    check_real("energy", energy, low=0.0, low_open=True, high=1.0)
+    check_choice("order", order, get_args(Order))
+    check_choice("svd", svd, get_args(SVD))
+    check_real("rank_cap_ratio", rank_cap_ratio, low=0.0, low_open=True, high=1.0)
+    check_int("n_iter", n_iter, 1)
+    check_int("seed", seed)
 
     def init(x):
-        factors = key = None
-        if svd == "subspace":
-            cap = rank_cap(x.shape)
-            factors = prox.LowRank(u=jnp.zeros((x.shape[0], cap), x.dtype),
-                                   s=jnp.zeros((cap,), x.dtype),
-                                   v=jnp.zeros((x.shape[1], cap), x.dtype))
-            key = jax.random.key(seed)
-        zero = jnp.zeros((), jnp.float32)
-        state = SLRState(low_rank=x, sparse=jnp.zeros_like(x), alpha=zero, beta=zero,
-                         rank_ratio=jnp.ones((), jnp.float32), density=zero, factors=factors,
-                         key=key)
-        return x, state
+        return x, _init_state(x, svd, rank_cap_ratio, seed)
 
-    def low_rank_prox(y, tau, state: SLRState):
-        if svd == "exact":
-            return (*prox.svt(y, tau), state.key)
-        key, sub = jax.random.split(state.key)
-        warm = jnp.any(state.factors.s > 0)
-        lr_matrix, factors = prox.svt_subspace(
-            y, tau, jax.tree_util.tree_map(lambda a: jnp.where(warm, a, 0), state.factors),
-            rank_cap=rank_cap(y.shape), n_iter=n_iter, key=sub)
-        return lr_matrix, factors, key
-
-    def prox_fn(v, state: SLRState, rho, curvature):
-        del curvature
-        ell_tau, s_tau = state.alpha / rho, state.beta / rho
+    def block_prox(v, state: SLRState, ctx: ProxContext):
+        ell_tau, s_tau = state.alpha / ctx.rho, state.beta / ctx.rho
         if order == "sparse_first":
             sparse = prox.soft_threshold(v - state.low_rank, s_tau)
-            low_rank, factors, key = low_rank_prox(v - sparse, ell_tau, state)
+            low_rank, factors, key = _low_rank_prox(v - sparse, ell_tau, state, svd,
+                                                    rank_cap_ratio, n_iter)
         else:
-            low_rank, factors, key = low_rank_prox(v - state.sparse, ell_tau, state)
+            low_rank, factors, key = _low_rank_prox(v - state.sparse, ell_tau, state, svd,
+                                                    rank_cap_ratio, n_iter)
             sparse = prox.soft_threshold(v - low_rank, s_tau)
         rank_ratio = prox.effective_rank(factors.s, energy) / min(v.shape)
         dens = prox.density(sparse)
-        alpha, beta = i_controller(state.alpha, state.beta, rho, rank_ratio, dens, controller)
+        alpha, beta = i_controller(state.alpha, state.beta, ctx.rho, rank_ratio, dens,
+                                   controller)
         new_state = SLRState(low_rank=low_rank, sparse=sparse, alpha=alpha, beta=beta,
                              rank_ratio=rank_ratio.astype(jnp.float32), density=dens,
                              factors=factors if svd == "subspace" else None, key=key)
         return low_rank + sparse, new_state
 
-    return Split(init=init, prox=prox_fn, metrics=slr_metrics)
+    return Split(init=init, prox=blockwise(block_prox), metrics=slr_metrics)
 
 
-def slr_admm(rho: float | Any = 1e-6, *, interval: int = 2, mask: SelectionSpec = None,
+def slr_admm(rho: RhoSpec = 1e-6, *, interval: int = 2, mask: SelectionSpec = None,
              controller: ControllerConfig | None = None, energy: float = 0.999,
-             order: str = "sparse_first", svd: str = "exact", rank_cap_ratio: float = 0.25,
-             n_iter: int = 2, seed: int = 0,
-             **admm_kwargs) -> optax.GradientTransformationExtraArgs:
+             order: Order = "sparse_first", svd: SVD = "exact", rank_cap_ratio: float = 0.25,
+             n_iter: int = 2, seed: int = 0, rho_scaling: RhoScaling = "none",
+             n_layers: int | None = None, rho_schedule: Schedule | None = None,
+             residual_balancing: tuple[float, float] | None = None,
+             coupling: Coupling = "gradient", decoupled_lr: float | optax.Schedule = 1.0,
+             state_storage: StateStorage | str | None = None,
+             halt_on_nonfinite: bool = False) -> optax.GradientTransformationExtraArgs:
     """SALAAD as an optax transform: :func:`admm_jax.core.admm.admm` with :func:`slr_split`.
 
-    Put it before the base optimizer::
+    Put it before the base optimizer (after it with ``coupling="decoupled"``)::
 
         tx = optax.chain(optax.clip_by_global_norm(1.0), slr_admm(rho=1e-6), optax.adamw(8e-3))
 
@@ -149,18 +178,21 @@ def slr_admm(rho: float | Any = 1e-6, *, interval: int = 2, mask: SelectionSpec 
         interval: K, steps between stage-2 updates (official: 2).
         mask: constrained leaves (default: decoder-layer kernels and the token embedding).
         controller, energy, order, svd, rank_cap_ratio, n_iter, seed: see :func:`slr_split`.
-        **admm_kwargs: forwarded to :func:`admm_jax.core.admm.admm` (``rho_scaling``, ``n_layers``,
-            ``rho_schedule``, ``coupling``, ``halt_on_nonfinite``, ...).
+        rho_scaling, n_layers, rho_schedule, residual_balancing, coupling, decoupled_lr,
+            state_storage, halt_on_nonfinite: see :func:`admm_jax.core.admm.admm`
+            (``rho_scaling="shape"`` with ``n_layers`` is SALAAD's 1/(n_layers·√(mn)) law,
+            ``rho_schedule=tanh_ramp(...)`` its ρ ramp).
     """
     split = slr_split(controller, energy=energy, order=order, svd=svd,
                       rank_cap_ratio=rank_cap_ratio, n_iter=n_iter, seed=seed)
-    return admm(split, rho, interval=interval, mask=mask, **admm_kwargs)
+    return admm(split, rho, interval=interval, mask=mask, rho_scaling=rho_scaling,
+                n_layers=n_layers, rho_schedule=rho_schedule,
+                residual_balancing=residual_balancing, coupling=coupling,
+                decoupled_lr=decoupled_lr, state_storage=state_storage,
+                halt_on_nonfinite=halt_on_nonfinite)
 
 
-def slr_components(opt_state) -> dict[str, tuple[Array, Array]]:
+def slr_components(opt_state: Any) -> dict[str, tuple[Array, Array]]:
     """``{block path: (L, S)}`` from an optimizer state containing a SALAAD transform."""
-    states = find_admm_states(opt_state)
-    if len(states) != 1:
-        raise ValueError(f"expected one ADMM state in the optimizer state, found {len(states)}")
     return {path: (b.split.low_rank, b.split.sparse)
-            for path, b in block_states(states[0]).items()}
+            for path, b in block_states(opt_state).items()}

@@ -50,7 +50,7 @@ from admm_jax.core.tree import path_str
 from admm_jax.training.checkpoint import NonFiniteError, resolve_checkpoint_dir
 
 SURROGATE_DIR = "surrogate"
-FORMAT = "admm_jax.salaad.surrogate.v1"
+FORMAT = "admm_jax.surrogate.v1"  # on-disk format id (not a module path)
 _ARRAY_FIELDS = ("u", "s", "v", "values", "indices")
 
 

@@ -3,7 +3,8 @@
 A checkpoint directory holds everything needed to rebuild a model, and nothing else is needed::
 
     <dir>/
-      model.json        {"format": ..., "model_config": {...}}   (LlamaConfig fields)
+      model.json        {"format": ..., "model_config": {...}}   (LlamaConfig.to_dict(); per-layer
+                        widths as lists, so a structurally pruned model reloads as itself)
       tokenizer.json    the tokenizer (``tokenizers`` JSON)
       <step>/           orbax step directories with the items
                           params       parameter pytree
@@ -31,10 +32,11 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import tokenizers
 
+from admm_jax._io import atomic_write_text
 from admm_jax.data import load_tokenizer, save_tokenizer
 from admm_jax.models.llama import LlamaConfig, abstract_params
 
-FORMAT = "admm_jax.training.checkpoint.v1"
+FORMAT = "admm_jax.checkpoint.v1"  # on-disk format id (not a module path)
 MODEL_FILE = "model.json"
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -49,12 +51,6 @@ class LoadedModel(NamedTuple):
     tokenizer: tokenizers.Tokenizer
     meta: dict
     step: int
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
@@ -107,7 +103,7 @@ class Checkpointer:
         else:
             self.directory.mkdir(parents=True, exist_ok=True)
             save_tokenizer(tokenizer, self.directory / TOKENIZER_FILE)
-            _atomic_write_text(model_file, json.dumps(
+            atomic_write_text(model_file, json.dumps(
                 {"format": FORMAT, "model_config": model_config.to_dict()}, indent=2))
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))

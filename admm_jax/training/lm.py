@@ -26,6 +26,28 @@ def next_token_loss(graphdef, params, batch: Array) -> Array:
     return token_nll(logits, batch[:, 1:]).mean()
 
 
+def per_client_loss(loss_fn: Callable = next_token_loss) -> Callable:
+    """``loss_fn`` vmapped over a leading client axis of both params and batch, summed.
+
+    For consensus optimizers that keep one copy of the weights per client: params have leaves
+    ``[C, ...]`` and the batch is ``[C, B, T+1]``. The sum ``Σ_c f_c(θ_c)`` has gradient
+    ``∂/∂θ_c = ∇f_c(θ_c)``, each client's own gradient, stacked. Use with ``has_aux=True``: the aux
+    metric ``client_loss: f32[C]`` holds the per-client losses.
+
+    Args:
+        loss_fn: the single-client loss ``(graphdef, params, batch) -> scalar``.
+
+    Returns:
+        ``(graphdef, params, batch) -> (Σ_c f_c, {"client_loss": f32[C]})``.
+    """
+
+    def loss(graphdef, params, batch):
+        losses = jax.vmap(loss_fn, in_axes=(None, 0, 0))(graphdef, params, batch)
+        return losses.sum(), {"client_loss": losses}
+
+    return loss
+
+
 def make_nll_sum(graphdef) -> Callable[[dict, Array], tuple[Array, Array]]:
     """A jitted ``(params, batch) -> (sum of NLL, token count)`` for exact corpus perplexity."""
 

@@ -1,0 +1,33 @@
+"""One way to name a model on the command line: a checkpoint directory or a pretrained name."""
+
+from __future__ import annotations
+
+from admm_jax.models.pretrained import PRETRAINED
+from admm_jax.training.checkpoint import LoadedModel, load_model
+
+
+def load_model_source(checkpoint: str = "", model: str = "", *,
+                      cache_dir: str = "") -> LoadedModel:
+    """The model at ``checkpoint`` (a checkpoint or run directory of this library) or, without
+    one, the pretrained model ``model`` (a key of :data:`admm_jax.models.pretrained.PRETRAINED`).
+
+    A checkpoint carries the corpus split it was trained on in ``meta``
+    (:func:`admm_jax.data.corpus_meta`); a pretrained model has empty ``meta`` and step 0.
+
+    Args:
+        checkpoint: directory for :func:`admm_jax.training.checkpoint.load_model`; wins over
+            ``model`` when both are given.
+        model: pretrained model name.
+        cache_dir: download cache of pretrained models (default: the library's cache).
+
+    Raises:
+        ValueError: if neither is given or ``model`` is not a known pretrained model.
+    """
+    if checkpoint:
+        return load_model(checkpoint)
+    if model not in PRETRAINED:
+        what = f"unknown --model {model!r}" if model else "no model given"
+        raise ValueError(f"{what}: pass --checkpoint DIR or --model NAME with NAME one of "
+                         f"{sorted(PRETRAINED)}")
+    loaded = PRETRAINED[model](cache_dir=cache_dir or None)
+    return LoadedModel(loaded.config, loaded.params, loaded.tokenizer, meta={}, step=0)
