@@ -14,6 +14,7 @@ from admm_jax.ops.projection import (
     global_topk_masks,
     keep_count,
     nm_mask,
+    prune_count,
     scores_of,
     topk_mask,
 )
@@ -98,6 +99,12 @@ def test_weighted_scores_keep_largest_h_v2():
 def test_keep_count_and_bad_sparsity():
     assert keep_count(100, 0.9) == 10
     assert keep_count(10, 0.0) == 10
+    # products that fall just below an integer in floating point: truncation would prune one
+    # entry too few (0.29·100 = 28.999999999999996)
+    for size, sparsity, pruned in ((100, 0.29, 29), (100, 0.57, 57), (1000, 0.58, 580),
+                                   (10, 0.7, 7), (384, 0.9, 346), (3, 0.5, 2), (7, 0.0, 0)):
+        assert prune_count(size, sparsity) == pruned, (size, sparsity)
+        assert keep_count(size, sparsity) == size - pruned
     for bad in (1.0, -0.1, 1.5):
         with pytest.raises(ValueError, match=r"sparsity must be in \[0\.0, 1\.0\)"):
             keep_count(10, bad)

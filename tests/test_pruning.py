@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 from admm_jax.data import calibration_samples, prepare_corpus
+from admm_jax.elsa import elsa, finalize
 from admm_jax.models.llama import LlamaConfig, forward, init_params
 from admm_jax.ops.projection import keep_count, topk_mask
 from admm_jax.ops.structures import NM, Unstructured
@@ -399,7 +400,7 @@ def sparsegpt_reference(w: np.ndarray, h: np.ndarray, sparsity: float, nm, block
         i2 = min(i1 + blocksize, cols)
         W1, Err1, Hinv1 = W[:, i1:i2].copy(), np.zeros((rows, i2 - i1)), Hinv[i1:i2, i1:i2]
         if nm is None:
-            count = int(sparsity * (rows * i2)) - done
+            count = int(np.floor(sparsity * (rows * i2) + 0.5)) - done  # nearest count
             done += count
             tmp = (W1 ** 2 / np.diag(Hinv1)[None] ** 2).T.reshape(-1)  # our row-major order
             mask1 = np.zeros(tmp.size, bool)
@@ -511,3 +512,23 @@ def test_smollm2_calibrated_methods_beat_magnitude(smollm2_block3, linear, struc
           + ", ".join(f"{k} {v:.4f}" for k, v in errors.items()))
     assert errors["wanda"] < errors["magnitude"], errors
     assert errors["sparsegpt"] < errors["magnitude"], errors
+
+
+def test_every_method_counts_with_the_nearest_integer():
+    """0.29·100 and 0.29·800 fall just below 29 and 232 in floating point; every count (per
+    tensor, per output, SparseGPT's cumulative block counts, ELSA's final projection) must
+    prune exactly those numbers, not one fewer."""
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.normal(size=(100, 8)), jnp.float32)
+    x = rng.normal(size=(400, 100)).astype(np.float32)
+    gram = jnp.asarray(x.T @ x)
+    _, mask = magnitude_prune(w, sparsity=0.29)
+    assert int((~np.asarray(mask)).sum()) == 232
+    _, mask = wanda_prune(w, jnp.asarray((x ** 2).sum(0)), sparsity=0.29)
+    np.testing.assert_array_equal((~np.asarray(mask)).sum(0), 29)
+    for blocksize in (32, 100):  # several blocks, and one
+        _, mask = sparsegpt_prune(w, gram, sparsity=0.29, blocksize=blocksize)
+        assert int((~np.asarray(mask)).sum()) == 232, blocksize
+    state = elsa(0.29, mask=lambda p: {"w": True}).init({"w": w})
+    pruned, _ = finalize({"w": w}, state, 0.29)
+    assert int((np.asarray(pruned["w"]) == 0).sum()) == 232

@@ -43,11 +43,23 @@ _MAX_LEAF = 2**31 - 1  # per-tensor counts are int32
 _SUBNORMAL_KEYS = 1 << 23  # keys of |value| < 2⁻¹²⁶ lie in [−2²³, 2²³)
 
 
-def keep_count(size: int, sparsity: float) -> int:
-    """Entries kept at ``sparsity``: ``size − floor(sparsity·size)`` (at least one pruned entry
-    per full ``1/sparsity`` block, never more kept than allowed)."""
+def prune_count(size: int, sparsity: float) -> int:
+    """Entries pruned at ``sparsity``: the nearest integer to ``sparsity·size`` (halves round
+    up), so the achieved sparsity is the closest one a tensor of ``size`` entries allows.
+
+    The rounding is done on ``sparsity·size + 1/2`` in float64, so a product such as
+    ``0.29 · 100 = 28.999999999999996`` counts 29 — truncation would prune 28. Every pruning
+    count of the library (per tensor, per output, global, SparseGPT's cumulative block counts)
+    goes through this one rule.
+    """
     sparsity = check_real("sparsity", sparsity, low=0.0, high=1.0, high_open=True)
-    return size - int(sparsity * size)
+    check_int("size", size, 0)
+    return min(size, math.floor(sparsity * size + 0.5))
+
+
+def keep_count(size: int, sparsity: float) -> int:
+    """Entries kept at ``sparsity``: ``size − prune_count(size, sparsity)``."""
+    return size - prune_count(size, sparsity)
 
 
 def topk_mask(score: Array, k: int, iters: int = _KEY_BITS) -> Array:

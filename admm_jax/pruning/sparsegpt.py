@@ -18,7 +18,7 @@ from jax import lax
 
 from admm_jax._checks import check_int, check_real
 from admm_jax.models.llama import LlamaConfig
-from admm_jax.ops.projection import nm_mask
+from admm_jax.ops.projection import nm_mask, prune_count
 from admm_jax.ops.structures import NM, Structure, StructureSpec, Unstructured
 from admm_jax.pruning.capture import gram_stats
 from admm_jax.pruning.registry import check_kernel_args, per_kernel, register_pruner
@@ -54,11 +54,12 @@ def _lowest_mask(score: Array, count: Array) -> Array:
 
 def _block_counts(d_in: int, d_out: int, sparsity: float, blocksize: int,
                   n_blocks: int) -> np.ndarray:
-    """Entries to prune in each block of ``blocksize`` inputs: ``⌊s·out·r_b⌋ − ⌊s·out·r_{b−1}⌋``
-    with ``r_b = min((b + 1)·blocksize, in)``, so the blocks together prune exactly
-    ``⌊s·in·out⌋`` entries (the per-tensor count of :func:`~admm_jax.ops.projection.keep_count`)."""
+    """Entries to prune in each block of ``blocksize`` inputs: ``P(out·r_b) − P(out·r_{b−1})``
+    with ``r_b = min((b + 1)·blocksize, in)`` and ``P`` the library's one count
+    (:func:`~admm_jax.ops.projection.prune_count`), so the blocks together prune exactly the
+    per-tensor count ``P(in·out)``."""
     ends = np.minimum(np.arange(n_blocks + 1) * blocksize, d_in)
-    pruned = np.array([int(sparsity * (d_out * int(r))) for r in ends])
+    pruned = np.array([prune_count(d_out * int(r), sparsity) for r in ends])
     return np.diff(pruned).astype(np.int32)
 
 
