@@ -71,13 +71,63 @@ def test_converges_to_l1_solution():
     np.testing.assert_allclose(params["w"], expected, atol=1e-4)
 
 
-def test_decoupled_coupling_reaches_same_solution():
+@pytest.mark.parametrize("form", ["chained", "wrapped"])
+def test_decoupled_coupling_reaches_same_solution(form):
     lr = 0.3
-    tx = optax.chain(optax.sgd(lr),
-                     admm(nonneg, rho=1.0, interval=1, mask=ALL, coupling="decoupled",
-                          decoupled_lr=lr))
+    kwargs = dict(rho=1.0, interval=1, mask=ALL, coupling="decoupled", decoupled_lr=lr)
+    tx = (optax.chain(optax.sgd(lr), admm(nonneg, **kwargs)) if form == "chained"
+          else admm(nonneg, **kwargs, base=optax.sgd(lr)))
     params, _ = run(tx, 400)
     np.testing.assert_allclose(params["w"], jnp.maximum(A, 0), atol=1e-4)
+
+
+def test_wrapping_the_base_equals_chaining_after_it():
+    """Without a curvature both decoupled forms are the same update, bit for bit: stage 2 reads
+    only the params, so it does not matter whether it runs before or after the base step."""
+    kwargs = dict(rho=0.3, interval=2, mask={"w": True, "v": False}, coupling="decoupled",
+                  decoupled_lr=0.05)
+    chained = optax.chain(optax.adamw(0.05), admm(nonneg, **kwargs))
+    wrapped = admm(nonneg, **kwargs, base=optax.adamw(0.05))
+    (p1, s1), (p2, s2) = (run(tx, 9, params=TWO, loss=two_loss) for tx in (chained, wrapped))
+    for a, b in zip(jax.tree_util.tree_leaves((p1, s1[1], s1[0])),
+                    jax.tree_util.tree_leaves((p2, s2.admm, s2.base))):
+        np.testing.assert_array_equal(a, b)
+    assert admm_state(s2) is s2.admm
+
+
+def test_wrapped_base_gets_raw_gradients_and_its_step_is_pulled():
+    """``admm(coupling="decoupled", base=tx)``: the curvature EMA sees the raw gradients (not
+    the base step), the base sees them too, and the update is base step − η ρ(X − Z + U)."""
+    decay, lr, eta = 0.5, 0.1, 0.3
+    split = Split(init=lambda x: (jnp.maximum(x, 0), None),
+                  prox=blockwise(lambda v, st, ctx: (jnp.maximum(v, 0), st)),
+                  curvature_decay=decay)
+    tx = admm(split, rho=2.0, interval=2, mask=ALL, coupling="decoupled", decoupled_lr=eta,
+              base=optax.sgd(lr))
+    params = {"w": A}
+    state = tx.init(params)
+    grads = [A * g for g in (1.0, -2.0, 3.0)]
+    h = jnp.zeros_like(A)
+    for g in grads:  # a stage 2 at the third update: the pull uses the new Z and U
+        updates, state = tx.update({"w": g}, state, params)
+        h = decay * h + (1 - decay) * g * g
+        (b,) = block_states(state).values()
+        np.testing.assert_allclose(b.curvature, h, rtol=1e-6)
+        pull = eta * b.rho * (params["w"] - b.z + b.u)
+        np.testing.assert_allclose(updates["w"], -lr * g - pull, rtol=1e-6, atol=1e-6)
+    assert int(admm_state(state).count) == 3
+
+
+def test_base_goes_with_decoupled_coupling_only():
+    curved = nonneg._replace(curvature_decay=0.9)
+    with pytest.raises(ValueError, match="sees the base optimizer's steps, not gradients"):
+        admm(curved, rho=1.0, coupling="decoupled")
+    with pytest.raises(ValueError, match="base is for coupling='decoupled'"):
+        admm(nonneg, rho=1.0, base=optax.sgd(0.1))
+    with pytest.raises(TypeError, match="base must be"):
+        admm(nonneg, rho=1.0, coupling="decoupled", base=optax.sgd)
+    admm(curved, rho=1.0, coupling="decoupled", base=optax.sgd(0.1))
+    admm(nonneg, rho=1.0, coupling="decoupled")  # no curvature: may be chained after the base
 
 
 def test_stage2_runs_every_k_steps_and_metrics_travel_with_the_state():

@@ -9,6 +9,7 @@ from admm_jax.core.split import ProxContext, Split, blockwise
 from admm_jax.core.state import (
     ADMMState,
     BlockState,
+    DecoupledState,
     admm_metrics,
     admm_state,
     block_states,
@@ -17,6 +18,6 @@ from admm_jax.core.state import (
 from admm_jax.core.storage import StateStorage
 from admm_jax.core.tree import DEFAULT_PATTERN, path_str, select, selected_paths
 
-__all__ = ["DEFAULT_PATTERN", "ADMMState", "BlockState", "ProxContext", "Split", "StateStorage",
-           "admm", "admm_metrics", "admm_state", "block_states", "blockwise", "path_str",
-           "rho_ramp", "select", "selected_paths", "state_memory", "tanh_ramp"]
+__all__ = ["DEFAULT_PATTERN", "ADMMState", "BlockState", "DecoupledState", "ProxContext", "Split",
+           "StateStorage", "admm", "admm_metrics", "admm_state", "block_states", "blockwise",
+           "path_str", "rho_ramp", "select", "selected_paths", "state_memory", "tanh_ramp"]

@@ -18,15 +18,43 @@ I-controller; ELSA: a sparsity projection). Which leaves are constrained is a se
 leaf paths, a bool pytree or a callable); the default is every 2-D kernel in the decoder layers
 plus the token embedding (:data:`admm_jax.core.tree.DEFAULT_PATTERN`).
 
-Place the transform **before** the base optimizer::
+Two couplings of stage 1:
 
-    tx = optax.chain(optax.clip_by_global_norm(1.0), admm(split, rho=1e-6), optax.adamw(lr))
+* ``coupling="gradient"``: the transform adds ``ρ(X − Z + U)`` to the gradient; place it
+  **before** the base optimizer::
 
-With ``coupling="decoupled"`` it goes *after* the base optimizer instead and pulls the update
-like decoupled weight decay: ``Δ ← Δ − η_t ρ (X − Z + U)``. It composes with ``optax.MultiSteps``,
-``optax.masked``, ``optax.tree.map_params`` and ``optax.inject_hyperparams`` (``rho`` and
-``decoupled_lr`` may be injected; ``split``, ``interval``, ``mask``, ``n_layers`` and any callable
-``rho`` / ``rho_schedule`` must be ``static_args``). All state arithmetic is fp32 whatever the
+      tx = optax.chain(optax.clip_by_global_norm(1.0), admm(split, rho=1e-6), optax.adamw(lr))
+
+* ``coupling="decoupled"``: the pull bypasses the base optimizer, like decoupled weight decay,
+  ``Δ ← Δ − η_t ρ (X − Z + U)`` with ``Δ`` the base optimizer's step. Pass the base optimizer
+  as ``base`` and the transform wraps it (it then receives the raw gradients)::
+
+      tx = optax.chain(optax.clip_by_global_norm(1.0),
+                       admm(split, rho=1e-3, coupling="decoupled", base=optax.adamw(lr)))
+
+  Every update then runs: stage 2 when due; the curvature EMA from the raw gradients; the base
+  step ``Δ, s ← base.update(g, s, X)``; the pull. Its state is a
+  :class:`~admm_jax.core.state.DecoupledState` holding the ADMM state and the base state.
+  Without ``base`` the transform is chained *after* the base optimizer,
+  ``chain(clip, adamw(lr), admm(..., coupling="decoupled"))``, and pulls the steps it receives;
+  that form is refused for splits that ask for a curvature (below), whose EMA would then see
+  the base optimizer's steps instead of gradients.
+
+**Curvature.** A split with ``curvature_decay = d`` (ELSA's objective-aware projection) gets per
+block ``h ← d·h + (1 − d)·g²``, the EMA of the squared raw gradient ``g = ∇f(X)`` (after any
+clipping upstream, *before* the coupling term is added; a diagonal Gauss–Newton / Fisher
+estimate of ``∇²f`` on the scale of Adam's ν for ``d = β₂``), updated after stage 2, so a stage 2
+sees ``h`` as of the previous step. In gradient coupling the transform must therefore come first
+(after clipping) in the chain, where its input is the gradient. The official ELSA code scores by
+Adam's ``exp_avg_sq``, which sees the gradient *after* the proximal term; we leave that term out
+because it is the constraint's own pull, not curvature of ``f``: it is largest on the entries the
+last projection zeroed and would inflate their score in proportion to ρ and the dual, and with it
+``h`` would differ between the two couplings.
+
+The transform composes with ``optax.MultiSteps``, ``optax.masked``, ``optax.tree.map_params`` and
+``optax.inject_hyperparams`` (``rho`` and ``decoupled_lr`` may be injected; ``split``,
+``interval``, ``mask``, ``n_layers`` and any callable ``rho`` / ``rho_schedule`` must be
+``static_args``; ``base`` is kept static by optax). All state arithmetic is fp32 whatever the
 params' dtype; updates keep the dtype of the incoming updates.
 
 ρ per block is ``rho · shape_factor · schedule(t) · balance`` where ``rho`` is a float or a
@@ -55,7 +83,7 @@ import optax
 from admm_jax._checks import check_choice, check_int, check_real
 from admm_jax.core.schedules import Schedule
 from admm_jax.core.split import ProxContext, Split
-from admm_jax.core.state import ADMMState, BlockState, is_block
+from admm_jax.core.state import ADMMState, BlockState, DecoupledState, is_block
 from admm_jax.core.storage import StateStorage
 from admm_jax.core.tree import SelectionSpec, path_str, select
 
@@ -178,15 +206,15 @@ def _stage2(cfg: _Config, blocks: Any, params: Any, count: Array) -> tuple[Any, 
 
 # --- stage 1 and init -----------------------------------------------------------------------------
 
-def _update_curvature(blocks: Any, updates: Any, decay: float) -> Any:
-    """EMA of squared gradients per block, ``h ← d·h + (1 − d)·g²`` (fp32)."""
+def _update_curvature(blocks: Any, grads: Any, decay: float) -> Any:
+    """EMA of the squared raw gradients per block, ``h ← d·h + (1 − d)·g²`` (fp32)."""
     def ema(b, g):
         if not isinstance(b, BlockState):
             return b
         g = g.astype(jnp.float32)
         return b._replace(curvature=decay * b.curvature + (1 - decay) * g * g)
 
-    return jax.tree_util.tree_map(ema, blocks, updates, is_leaf=is_block)
+    return jax.tree_util.tree_map(ema, blocks, grads, is_leaf=is_block)
 
 
 def _couple(updates: Any, params: Any, blocks: Any, scale: Array | float,
@@ -230,6 +258,22 @@ def _checked_selection(params: Any, mask: SelectionSpec) -> Any:
     return selection
 
 
+def _check_base(split: Split, coupling: Coupling, base: Any) -> None:
+    """Which base optimizer goes with which coupling (module docstring)."""
+    if base is not None and not isinstance(base, optax.GradientTransformation):
+        raise TypeError(f"base must be an optax.GradientTransformation, got {type(base).__name__}")
+    if base is not None and coupling == "gradient":
+        raise ValueError("base is for coupling='decoupled'; with coupling='gradient' chain the "
+                         "base optimizer after the transform: optax.chain(admm(...), base)")
+    if base is None and coupling == "decoupled" and split.curvature_decay is not None:
+        raise ValueError(
+            "this split estimates curvature from the gradients (curvature_decay is set, e.g. "
+            "ELSA with weighted=True), but coupling='decoupled' without base= puts the transform "
+            "after the base optimizer, where it sees the base optimizer's steps, not gradients; "
+            "pass the base optimizer as base=, e.g. optax.chain(optax.clip_by_global_norm(1.0), "
+            "elsa(..., coupling='decoupled', base=optax.adamw(lr))), or use weighted=False")
+
+
 def _check_arguments(rho, interval, rho_scaling, n_layers, residual_balancing, coupling,
                      decoupled_lr) -> None:
     if not callable(rho):
@@ -255,7 +299,8 @@ def admm(split: Split, rho: RhoSpec, *, interval: int = 2, mask: SelectionSpec =
          residual_balancing: tuple[float, float] | None = None,
          coupling: Coupling = "gradient", decoupled_lr: float | optax.Schedule = 1.0,
          state_storage: StateStorage | str | None = None,
-         halt_on_nonfinite: bool = False) -> optax.GradientTransformationExtraArgs:
+         halt_on_nonfinite: bool = False,
+         base: optax.GradientTransformation | None = None) -> optax.GradientTransformationExtraArgs:
     """The generic two-stage ADMM transform (module docstring).
 
     Args:
@@ -271,21 +316,34 @@ def admm(split: Split, rho: RhoSpec, *, interval: int = 2, mask: SelectionSpec =
         residual_balancing: ``(μ, τ)``, both > 1: after stage 2, multiply ρ by τ if the primal
             residual exceeds μ× the dual residual, divide by τ in the opposite case.
         coupling: ``"gradient"`` (add ρ(X − Z + U) to the gradient; put before the base
-            optimizer) or ``"decoupled"`` (subtract η_t ρ(X − Z + U) from the update; put after).
+            optimizer) or ``"decoupled"`` (subtract η_t ρ(X − Z + U) from the base optimizer's
+            step; pass that optimizer as ``base``, or chain the transform after it).
         decoupled_lr: η_t ≥ 0 for decoupled coupling (float or schedule of the update count).
         state_storage: how Z and U are stored between steps (:class:`admm_jax.core.storage.
             StateStorage` or a dtype name such as ``"bf16"``, ``"e4m3"``); all arithmetic is
             fp32. Default fp32 (ELSA-L uses bf16 / fp8).
         halt_on_nonfinite: raise (through a host callback) when a stage 2 finds NaN/inf in X, Z
             or U. Either way the count is recorded in ``state.nonfinite``.
+        base: with ``coupling="decoupled"``, the base optimizer to wrap: the transform receives
+            the raw gradients, feeds them to ``base`` and pulls its step. Required when the
+            split asks for a curvature (``Split.curvature_decay``); not allowed with
+            ``coupling="gradient"``.
 
     Returns:
-        The transform; its state is an :class:`~admm_jax.core.state.ADMMState`. ``init`` on a
+        The transform; its state is an :class:`~admm_jax.core.state.ADMMState`, or with
+        ``base`` a :class:`~admm_jax.core.state.DecoupledState` of it and the base state
+        (:func:`~admm_jax.core.state.admm_state` finds the ADMM state in either). ``init`` on a
         params tree without leaves (``optax.tree.map_params``' placeholder) gives a state whose
         ``blocks`` is that tree, so ``map_params`` maps ``f`` over every leaf of the blocks.
+
+    Raises:
+        ValueError: a bad argument, or ``coupling="decoupled"`` without ``base`` for a split
+            with a curvature (it would see the base optimizer's steps, not gradients).
     """
     _check_arguments(rho, interval, rho_scaling, n_layers, residual_balancing, coupling,
                      decoupled_lr)
+    _check_base(split, coupling, base)
+    base = None if base is None else optax.with_extra_args_support(base)
     if state_storage is None or isinstance(state_storage, str):
         state_storage = StateStorage(state_storage or "float32")
     cfg = _Config(split=split, base_rho=_make_base_rho(rho, rho_scaling, n_layers),
@@ -300,27 +358,32 @@ def admm(split: Split, rho: RhoSpec, *, interval: int = 2, mask: SelectionSpec =
                 else optax.MaskedNode(), params, _checked_selection(params, mask))
         else:  # nothing to constrain (e.g. the placeholder of optax.tree.map_params)
             blocks = params
-        return ADMMState(count=jnp.zeros((), jnp.int32), blocks=blocks,
-                         nonfinite=jnp.zeros((), jnp.int32))
+        state = ADMMState(count=jnp.zeros((), jnp.int32), blocks=blocks,
+                          nonfinite=jnp.zeros((), jnp.int32))
+        return state if base is None else DecoupledState(admm=state, base=base.init(params))
 
-    def update_fn(updates, state: ADMMState, params=None, **extra_args):
-        del extra_args
+    def update_fn(updates, state: ADMMState | DecoupledState, params=None, **extra_args):
         if params is None:
             raise ValueError("the ADMM transform needs params: call tx.update(grads, state, "
                              "params)")
-        count = state.count
+        ours, base_state = (state, None) if base is None else state
+        count = ours.count
         # 1. stage 2 every K steps: Z ← prox_C(X + U), U ← U + X − Z, ρ bookkeeping
         blocks, nonfinite = jax.lax.cond(
             (count > 0) & (count % interval == 0),
-            lambda: _stage2(cfg, state.blocks, params, count),
-            lambda: (state.blocks, state.nonfinite))
-        # 2. the curvature estimate, for splits that ask for one
+            lambda: _stage2(cfg, ours.blocks, params, count),
+            lambda: (ours.blocks, ours.nonfinite))
+        # 2. the curvature estimate from the raw gradients, for splits that ask for one
         if split.curvature_decay is not None:
             blocks = _update_curvature(blocks, updates, split.curvature_decay)
-        # 3. stage 1: couple X to Z + U (added to the gradient, or pulled from the update)
+        # 3. the wrapped base optimizer's step (decoupled coupling with base=)
+        if base is not None:
+            updates, base_state = base.update(updates, base_state, params, **extra_args)
+        # 4. stage 1: couple X to Z + U (added to the gradient, or pulled from the step)
         scale = 1.0 if coupling == "gradient" else -(
             decoupled_lr(count) if callable(decoupled_lr) else decoupled_lr)
         updates = _couple(updates, params, blocks, scale, cfg.storage)
-        return updates, ADMMState(count=count + 1, blocks=blocks, nonfinite=nonfinite)
+        ours = ADMMState(count=count + 1, blocks=blocks, nonfinite=nonfinite)
+        return updates, ours if base is None else DecoupledState(admm=ours, base=base_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -24,8 +24,9 @@ class ProxContext(NamedTuple):
     Attributes:
         rho: ρ in effect for the block (f32 scalar, after schedule and balancing).
         step: the transform's update count at this stage 2 (int32 scalar).
-        curvature: the EMA of squared gradients of the block (a diagonal Hessian estimate) if
-            the split sets ``curvature_decay``, else ``None``.
+        curvature: ``h``, the EMA of the squared raw gradient ``∇f(X)`` of the block (taken
+            before the coupling term is added; a diagonal Hessian estimate) as of the previous
+            step, if the split sets ``curvature_decay``, else ``None``.
     """
 
     rho: Array
@@ -54,8 +55,11 @@ class Split(NamedTuple):
             it after :attr:`init` and after every prox and keeps the result in
             ``BlockState.metrics``, so :func:`admm_jax.core.state.admm_metrics` needs only
             the optimizer state.
-        curvature_decay: if set, the transform keeps an EMA of squared gradients per block with
-            this decay in ``[0, 1)`` and passes it as ``ProxContext.curvature``.
+        curvature_decay: if set, the transform keeps per block ``h ← d·h + (1 − d)·g²`` with
+            this decay ``d`` in ``[0, 1)`` and ``g`` the raw gradient (before the coupling term),
+            and passes ``h`` as ``ProxContext.curvature``. The transform then needs the raw
+            gradients: first in the chain for ``coupling="gradient"``, and ``base=`` for
+            ``coupling="decoupled"`` (:func:`admm_jax.core.admm.admm`).
     """
 
     init: Callable[[Array], tuple[Array, Any]]

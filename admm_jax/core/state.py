@@ -2,9 +2,10 @@
 read from it: per-block metrics and the bytes it holds.
 
 :func:`admm_state` plays the role of optax's ``tree_get`` for the ADMM transform: it finds the
-single :class:`ADMMState` inside a chained, masked, multi-step or injected optimizer state and
-raises one error otherwise. :func:`admm_metrics`, :func:`state_memory` and the methods'
-read-outs (``slr_components``, ELSA's ``finalize``) all go through it.
+single :class:`ADMMState` inside a chained, masked, multi-step, injected or base-wrapping
+(:class:`DecoupledState`) optimizer state and raises one error otherwise. :func:`admm_metrics`,
+:func:`state_memory` and the methods' read-outs (``slr_components``, ELSA's ``finalize``) all go
+through it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class BlockState(NamedTuple):
     rho: Array  # ρ in effect (f32 scalar)
     balance: Array  # residual-balancing multiplier of ρ
     residual: Array  # ‖X − Z‖_F / ‖X‖_F at the last stage 2
-    curvature: Array | None  # EMA of g² (only for splits with curvature_decay)
+    curvature: Array | None  # EMA of the squared raw gradient (splits with curvature_decay)
     split: Any  # the split's own state
     metrics: dict[str, Array]  # split.metrics(split) after the last prox (or init)
 
@@ -40,6 +41,14 @@ class ADMMState(NamedTuple):
     count: Array  # int32, updates seen
     blocks: Any  # params-shaped pytree: BlockState at constrained leaves, MaskedNode elsewhere
     nonfinite: Array  # int32, constrained blocks with NaN/inf in X, Z or U at the last stage 2
+
+
+class DecoupledState(NamedTuple):
+    """State of :func:`admm_jax.core.admm.admm` with ``coupling="decoupled"`` and ``base``: its
+    own state and that of the base optimizer it wraps."""
+
+    admm: ADMMState
+    base: Any  # the base optimizer's state
 
 
 def is_block(x: Any) -> bool:

@@ -24,7 +24,8 @@ def finalize(params: Any, opt_state: Any, sparsity: float,
     Args:
         params: the trained parameters.
         opt_state: an optimizer state holding the ELSA transform's state (its constrained blocks
-            and, when ``weighted``, the curvature that scores entries by ``h·v²``).
+            and, when ``weighted``, the curvature ``h`` (EMA of the squared raw gradients) that
+            scores entries by ``h·v²``).
         sparsity, structure, scope, weighted: as for :func:`admm_jax.elsa.split.elsa`.
 
     Returns:

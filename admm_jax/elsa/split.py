@@ -2,8 +2,9 @@
 
 The constraint set is ``C = {Z : ‖Z‖₀ ≤ k}`` — per tensor, globally over all constrained tensors,
 or an N:M pattern along the input dimension. Its prox is the hard projection that keeps the
-entries with the largest *score*: ``v²``, or ``h·v²`` with the transform's EMA of squared
-gradients ``h`` (a diagonal Hessian estimate; ELSA's objective-aware projection). :func:`elsa`
+entries with the largest *score*: ``v²``, or ``h·v²`` (ELSA's objective-aware projection) with
+``h`` the transform's EMA of the squared raw gradient ``∇f(W)`` (a diagonal Hessian estimate; see
+:mod:`admm_jax.core.admm`). :func:`elsa`
 is :func:`admm_jax.core.admm.admm` with this split; :func:`admm_jax.elsa.finalize.finalize`
 applies the final hard projection and returns the masks; :func:`admm_jax.elsa.finalize.
 masked_updates` keeps them fixed during fine-tuning. Structures are the values of
@@ -22,9 +23,12 @@ masked_updates` keeps them fixed during fine-tuning. Structures are the values o
   with the per-tensor projection at the same sparsity and becomes global at the first stage 2.
 
 Choices where the paper is silent: the Hessian estimate is kept by the transform (an EMA of the
-raw squared gradient with Adam's β₂ = 0.999 by default) rather than read from the chained Adam
-state, so ELSA composes with any base optimizer; Z starts at the projection of the initial
-weights and U at 0.
+raw squared gradient, decay Adam's β₂ = 0.999 by default) rather than read from the chained Adam
+state, so ELSA composes with any base optimizer; unlike the official code's ``exp_avg_sq`` it
+leaves out the proximal term λ(w − z + u), the constraint's own pull. For that the transform
+must see gradients: first in the chain with ``coupling="gradient"``, wrapping the base optimizer
+(``base=``) with ``coupling="decoupled"``; ``weighted=True`` with ``coupling="decoupled"`` and no
+``base`` is refused. Z starts at the projection of the initial weights and U at 0.
 """
 
 from __future__ import annotations
@@ -113,7 +117,8 @@ def sparsity_split(sparsity: float, structure: StructureSpec = "unstructured",
             ``"channel"`` (whole output units, per tensor), or an
             :mod:`admm_jax.ops.structures` value.
         scope: ``"tensor"`` (every tensor at ``sparsity``) or ``"global"`` (one budget).
-        weighted: score entries by ``h·v²``, with ``h`` the transform's EMA of squared gradients.
+        weighted: score entries by ``h·v²``, with ``h`` the transform's EMA of the squared raw
+            gradients.
         curvature_decay: decay in ``[0, 1)`` of that EMA (used only when ``weighted``).
 
     Returns:
@@ -147,11 +152,18 @@ def elsa(sparsity: float, rho: RhoSpec = 1e-3, *, structure: StructureSpec = "un
          rho_schedule: Schedule | None = None,
          residual_balancing: tuple[float, float] | None = None,
          coupling: Coupling = "gradient", decoupled_lr: float | optax.Schedule = 1.0,
-         halt_on_nonfinite: bool = False) -> optax.GradientTransformationExtraArgs:
-    """ELSA as an optax transform (place it after clipping, before Adam; after Adam with
-    ``coupling="decoupled"``)::
+         halt_on_nonfinite: bool = False,
+         base: optax.GradientTransformation | None = None) -> optax.GradientTransformationExtraArgs:
+    """ELSA as an optax transform. Gradient coupling (the paper's proximal term added to the
+    gradient): place it after clipping, before Adam::
 
         tx = optax.chain(optax.clip_by_global_norm(1.0), elsa(0.9, rho=1e-3), optax.adam(1e-4))
+
+    Decoupled coupling (the pull ``η_t λ(w − z + u)`` bypasses Adam): it wraps the base
+    optimizer, so that its curvature EMA sees the raw gradients::
+
+        tx = optax.chain(optax.clip_by_global_norm(1.0),
+                         elsa(0.9, rho=1e-2, coupling="decoupled", base=optax.adamw(1e-4)))
 
     Args:
         sparsity: target fraction of zeros, in ``[0, 1)``.
@@ -160,8 +172,9 @@ def elsa(sparsity: float, rho: RhoSpec = 1e-3, *, structure: StructureSpec = "un
             :func:`sparsity_split`).
         scope: ``"tensor"`` or ``"global"`` (one top-k over all constrained tensors).
         interval: steps between projections (≥ 1).
-        weighted: objective-aware projection by ``h·v²`` (``h`` = EMA of squared gradients with
-            ``curvature_decay``, like Adam's second moment).
+        weighted: objective-aware projection by ``h·v²``, with ``h ← d·h + (1 − d)·g²`` the EMA
+            (decay ``d = curvature_decay``, like Adam's ν) of the squared raw gradient
+            ``g = ∇f(W)``, before the proximal term. Needs ``base`` when decoupled.
         curvature_decay: the EMA's decay in ``[0, 1)``.
         state_dtype: ELSA-L storage of Z and U: ``"float32"``, ``"bf16"``, ``"e4m3"``, ``"e5m2"``.
         state_scaling: ``"tensor"``, ``"row"`` or ``"none"`` (default: tensor for fp8, none for
@@ -170,10 +183,16 @@ def elsa(sparsity: float, rho: RhoSpec = 1e-3, *, structure: StructureSpec = "un
         rho_scaling, n_layers, rho_schedule, residual_balancing, coupling, decoupled_lr,
             halt_on_nonfinite: see :func:`admm_jax.core.admm.admm` (ELSA's λ schedules are
             ``rho_schedule=rho_ramp(...)``, its residual balancing ``(1.5, 2.0)``).
+        base: with ``coupling="decoupled"``, the base optimizer the transform wraps (required
+            when ``weighted``); see :func:`admm_jax.core.admm.admm`.
+
+    Raises:
+        ValueError: a bad argument, or ``weighted`` with ``coupling="decoupled"`` and no
+            ``base`` (the curvature EMA would see Adam's steps, not gradients).
     """
     split = sparsity_split(sparsity, structure, scope, weighted, curvature_decay=curvature_decay)
     return admm(split, rho, interval=interval, mask=mask, rho_scaling=rho_scaling,
                 n_layers=n_layers, rho_schedule=rho_schedule,
                 residual_balancing=residual_balancing, coupling=coupling,
                 decoupled_lr=decoupled_lr, state_storage=StateStorage(state_dtype, state_scaling),
-                halt_on_nonfinite=halt_on_nonfinite)
+                halt_on_nonfinite=halt_on_nonfinite, base=base)

@@ -163,13 +163,18 @@ def slr_admm(rho: RhoSpec = 1e-6, *, interval: int = 2, mask: SelectionSpec = No
              n_layers: int | None = None, rho_schedule: Schedule | None = None,
              residual_balancing: tuple[float, float] | None = None,
              coupling: Coupling = "gradient", decoupled_lr: float | optax.Schedule = 1.0,
-             state_storage: StateStorage | str | None = None,
-             halt_on_nonfinite: bool = False) -> optax.GradientTransformationExtraArgs:
+             state_storage: StateStorage | str | None = None, halt_on_nonfinite: bool = False,
+             base: optax.GradientTransformation | None = None
+             ) -> optax.GradientTransformationExtraArgs:
     """SALAAD as an optax transform: :func:`admm_jax.core.admm.admm` with :func:`slr_split`.
 
-    Put it before the base optimizer (after it with ``coupling="decoupled"``)::
+    Put it before the base optimizer; with ``coupling="decoupled"`` either wrap the base
+    optimizer (``base=``) or chain it after (the split needs no curvature, so both work and
+    give the same updates)::
 
         tx = optax.chain(optax.clip_by_global_norm(1.0), slr_admm(rho=1e-6), optax.adamw(8e-3))
+        tx = optax.chain(optax.clip_by_global_norm(1.0),
+                         slr_admm(rho=1e-2, coupling="decoupled", base=optax.adamw(8e-3)))
 
     Args:
         rho: penalty ρ (float, or ``(path, shape) -> float``; official defaults 1e-6 for attention
@@ -179,7 +184,7 @@ def slr_admm(rho: RhoSpec = 1e-6, *, interval: int = 2, mask: SelectionSpec = No
         mask: constrained leaves (default: decoder-layer kernels and the token embedding).
         controller, energy, order, svd, rank_cap_ratio, n_iter, seed: see :func:`slr_split`.
         rho_scaling, n_layers, rho_schedule, residual_balancing, coupling, decoupled_lr,
-            state_storage, halt_on_nonfinite: see :func:`admm_jax.core.admm.admm`
+            state_storage, halt_on_nonfinite, base: see :func:`admm_jax.core.admm.admm`
             (``rho_scaling="shape"`` with ``n_layers`` is SALAAD's 1/(n_layers·√(mn)) law,
             ``rho_schedule=tanh_ramp(...)`` its ρ ramp).
     """
@@ -189,7 +194,7 @@ def slr_admm(rho: RhoSpec = 1e-6, *, interval: int = 2, mask: SelectionSpec = No
                 n_layers=n_layers, rho_schedule=rho_schedule,
                 residual_balancing=residual_balancing, coupling=coupling,
                 decoupled_lr=decoupled_lr, state_storage=state_storage,
-                halt_on_nonfinite=halt_on_nonfinite)
+                halt_on_nonfinite=halt_on_nonfinite, base=base)
 
 
 def slr_components(opt_state: Any) -> dict[str, tuple[Array, Array]]:
