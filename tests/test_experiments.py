@@ -2,15 +2,17 @@
 one-shot pruning."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from admm_jax.core import path_str
 from admm_jax.data import corpus_meta, prepare_corpus
 from admm_jax.models.llama import LlamaConfig, init_params
-from admm_jax.training.checkpoint import save_model
-from experiments import deploy, evaluate, salaad
+from admm_jax.training.checkpoint import load_model, save_model
+from experiments import deploy, elsa_cache, evaluate, salaad
 from experiments import elsa as elsa_experiment
 
 
@@ -52,32 +54,82 @@ def test_salaad_experiment_end_to_end(tmp_path, monkeypatch):
     assert np.isfinite(ppl)
 
 
+def _flat(params):
+    return {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
 def test_elsa_experiment_end_to_end(tmp_path, monkeypatch):
-    """All four methods at one unstructured and one 2:4 setting on a nano checkpoint: exact
-    sparsity, finite perplexities, checkpoints that the evaluate CLI reads, the summary."""
+    """One-shot, masked fine-tuning, the three ELSA variants and dense+ft at one unstructured and
+    one 2:4 setting on a nano checkpoint, scored on two domains: exact sparsity (kept by the
+    fine-tuning), finite perplexities, tokens seen, checkpoints the evaluate CLI reads, the
+    cache."""
     monkeypatch.setenv("ADMM_JAX_CACHE", str(tmp_path / "cache"))
     texts = write_texts(tmp_path / "texts")
+    other = write_texts(tmp_path / "other", seed=1)
     corpus = prepare_corpus(str(texts), vocab_size=300)
     _, params = init_params(LlamaConfig.preset("nano"), jax.random.key(0))
     source = save_model(tmp_path / "nano", params, model_config=LlamaConfig.preset("nano"),
                         tokenizer=corpus.tokenizer, meta=corpus_meta(corpus))
-    rows = elsa_experiment.main([
-        "--name", "toy", "--checkpoint", str(source), "--corpus", str(texts),
-        "--runs_root", str(tmp_path / "runs"), "--results", str(tmp_path / "elsa.md"),
-        "--settings", "0.75,2:4", "--n_calibration", "4", "--calibration_len", "32",
-        "--interval", "2", "--eval_seq_len", "32", "--eval_batch_size", "4",
-        "--eval_batches", "2", "--train.steps", "6", "--train.batch_size", "4",
-        "--train.seq_len", "32", "--train.optimizer.warmup_steps", "1", "--train.log_every", "2",
-        "--train.eval_every", "6", "--train.eval_batches", "1", "--train.checkpoint_every", "6"])
-    assert {(r["method"], r["setting"]) for r in rows} == {
-        (m, s) for m in ("magnitude", "wanda", "sparsegpt", "elsa") for s in ("0.75", "2:4")}
+    methods = ("magnitude", "sparsegpt", "sparsegpt+ft", "elsa", "elsa-paper", "elsa-global")
+
+    def args(methods, settings):
+        return ["--name", "toy", "--checkpoint", str(source), "--corpus", str(texts),
+                "--transfer_corpus", str(other), "--runs_root", str(tmp_path / "runs"),
+                "--results", str(tmp_path / "elsa.md"), "--settings", settings,
+                "--global_settings", "0.75", "--methods", ",".join(methods),
+                "--n_calibration", "4", "--calibration_len", "32", "--interval", "2",
+                "--eval_seq_len", "32", "--eval_batch_size", "4", "--eval_batches", "2",
+                "--train.steps", "6", "--train.batch_size", "4", "--train.seq_len", "32",
+                "--train.optimizer.warmup_steps", "1", "--train.log_every", "2",
+                "--train.eval_every", "6", "--train.eval_batches", "1",
+                "--train.checkpoint_every", "6"]
+
+    argv = args(methods, "0.75,2:4")
+    rows = elsa_experiment.main(argv)
+    by = {(r["method"], r["setting"]): r for r in rows}
+    expected = {(m, s) for m in methods for s in ("0.75", "2:4")} - {("elsa-global", "2:4")}
+    assert set(by) == expected | {("dense", "dense"), ("dense+ft", "dense")}
     for row in rows:
-        assert row["sparsity"] == (0.75 if row["setting"] == "0.75" else 0.5)
-        assert np.isfinite(row["ppl"])
+        pruned = row["setting"] != "dense"
+        assert row["sparsity"] == ((0.75 if row["setting"] == "0.75" else 0.5) if pruned else 0)
+        assert np.isfinite(row["ppl"]) and np.isfinite(row["transfer_ppl"])
+        assert row["ppl"] != row["transfer_ppl"]  # two different domains
+        assert row["command"] == "python -m experiments.elsa " + " ".join(argv)
+        trained = row["method"].startswith("elsa") or row["method"].endswith("+ft")
+        assert row["train_tokens"] == (6 * 4 * 32 if trained else 0)  # equal for ELSA and +ft
+        assert row["calibration_tokens"] == (4 * 32 if "sparsegpt" in row["method"] else 0)
+    for setting in ("0.75", "2:4"):  # masked fine-tuning moves the kept weights only
+        oneshot = by[("sparsegpt", setting)]
+        masks = np.load(Path(oneshot["checkpoint"]).parent / "masks.npz")
+        before = _flat(load_model(oneshot["checkpoint"]).params)
+        after = _flat(load_model(by[("sparsegpt+ft", setting)]["checkpoint"]).params)
+        assert len(masks.files) == 7 * LlamaConfig.preset("nano").n_layers
+        for path in masks.files:
+            pruned = ~masks[path]
+            assert np.all(before[path][pruned] == 0) and np.all(after[path][pruned] == 0)
+            assert np.any(after[path] != before[path])
+        assert by[("sparsegpt+ft", setting)]["seconds"] > oneshot["seconds"]
+    for method in ("elsa", "elsa-paper", "elsa-global"):
+        row = by[(method, "0.75")]
+        assert np.isfinite(row["residual"]) and 0 <= row["projection_gap"] < 1
+        assert (Path(row["checkpoint"]).parent / "training.png").is_file()
     summary = (tmp_path / "elsa.md").read_text()
-    assert "Command: `python -m experiments.elsa" in summary and "ELSA-L" in summary
+    table = summary.split("## Every checkpoint")[1].split("Commands")[0]
+    assert table.count("\n| ") - 1 == len(rows)  # one table line per row (and the header)
+    for text in ("python -m experiments.elsa", "ELSA-L", "ppl other", "ppl texts",
+                 "SparseGPT+ft", "How the hyperparameters were chosen"):
+        assert text in summary, text
     assert (tmp_path / "elsa.png").is_file()
-    elsa_row = next(r for r in rows if r["method"] == "elsa" and r["setting"] == "0.75")
-    ppl = evaluate.main(["--checkpoint", elsa_row["checkpoint"], "--seq_len", "32",
+    ppl = evaluate.main(["--checkpoint", by[("elsa", "0.75")]["checkpoint"], "--seq_len", "32",
                          "--batch_size", "4", "--max_batches", "2"])
-    assert ppl == pytest.approx(elsa_row["ppl"], rel=1e-4)
+    assert ppl == pytest.approx(by[("elsa", "0.75")]["ppl"], rel=1e-4)
+
+    # a rerun reads every row from the cache (same wall times); another format recomputes
+    assert elsa_experiment.main(argv) == rows
+    monkeypatch.setattr(elsa_cache, "RESULT_FORMAT", "elsa-result-test")
+    (again,) = [r for r in elsa_experiment.main(args(["magnitude"], "0.75"))
+                if r["method"] == "magnitude"]
+    assert again["config"]["format"] == "elsa-result-test"
+    assert again["command"] != by[("magnitude", "0.75")]["command"]
+    table = (tmp_path / "elsa.md").read_text().split("## Every checkpoint")[1].split("Commands")[0]
+    assert table.count("\n| ") - 1 == 3  # dense, dense+ft, magnitude: rows of the old format left

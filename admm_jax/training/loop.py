@@ -200,6 +200,7 @@ def train(model_config: LlamaConfig, corpus: TokenizedCorpus, run_dir: str | os.
         steps_since += 1
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
+            m = jax.device_get(m)  # wait for the step before reading the clock
             seconds = time.perf_counter() - t_last
             record = {"step": done, **{k: _to_json(v) for k, v in m.items()},
                       "lr": float(lr_schedule(cfg)(step)),
