@@ -30,7 +30,7 @@ ONESHOT_FT = tuple(f"{m}+ft" for m in ONESHOT)
 _CURVES = (("loss", "train loss", False), ("admm/residual_mean", "mean ‖W − Z‖/‖W‖", True),
            ("admm/flip_rate_mean", "mask flip rate at projections", False),
            ("admm/rho_mean", "mean ρ", True),
-           ("lr", "learning rate (decoupled pull η_t ∝ lr)", False))
+           ("lr", "AdamW learning rate", False))
 
 _PULL = {"lr": "lr schedule / peak lr", "constant": "1"}
 
