@@ -120,6 +120,20 @@ def _check_inputs(model_config: LlamaConfig, corpus: TokenizedCorpus, cfg: Train
                          f"{model_config.max_seq_len}")
 
 
+def _log_record(cfg: TrainConfig, done: int, metrics: dict, opt_state, state_metrics,
+                t_last: float, steps_since: int) -> dict:
+    """One ``metrics.jsonl`` record: the step's metrics, lr, tokens/s since ``t_last`` (read
+    after the step has finished) and the optimizer state's metrics."""
+    metrics = jax.device_get(metrics)  # wait for the step before reading the clock
+    seconds = time.perf_counter() - t_last
+    tokens = steps_since * cfg.batch_size * cfg.seq_len
+    return {"step": done, **{k: _to_json(v) for k, v in metrics.items()},
+            "lr": float(lr_schedule(cfg)(done - 1)),
+            "tokens_per_s": tokens / max(seconds, 1e-9),
+            **({} if state_metrics is None else
+               {k: _to_json(v) for k, v in state_metrics(opt_state).items()})}
+
+
 def train(model_config: LlamaConfig, corpus: TokenizedCorpus, run_dir: str | os.PathLike,
           cfg: TrainConfig, tx: optax.GradientTransformation | None = None, *,
           loss_fn: LossFn = next_token_loss, has_aux: bool = False,
@@ -187,7 +201,6 @@ def train(model_config: LlamaConfig, corpus: TokenizedCorpus, run_dir: str | os.
         return perplexity(nll_sum, p, (sharding.replicate(b, mesh) for b in batches))
 
     val_ppl = float("nan")
-    tokens_per_step = cfg.batch_size * cfg.seq_len
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress,
                desc=run_dir.name, dynamic_ncols=True, file=sys.stderr)
@@ -200,13 +213,7 @@ def train(model_config: LlamaConfig, corpus: TokenizedCorpus, run_dir: str | os.
         steps_since += 1
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            m = jax.device_get(m)  # wait for the step before reading the clock
-            seconds = time.perf_counter() - t_last
-            record = {"step": done, **{k: _to_json(v) for k, v in m.items()},
-                      "lr": float(lr_schedule(cfg)(step)),
-                      "tokens_per_s": steps_since * tokens_per_step / max(seconds, 1e-9),
-                      **({} if state_metrics is None else
-                         {k: _to_json(v) for k, v in state_metrics(opt_state).items()})}
+            record = _log_record(cfg, done, m, opt_state, state_metrics, t_last, steps_since)
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 val_ppl = record["val_ppl"] = evaluate(params)
             _append(metrics_path, history, record)
