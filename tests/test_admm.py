@@ -16,7 +16,7 @@ from admm_jax.core import (
     admm_state,
     block_states,
     blockwise,
-    tanh_ramp,
+    sigmoid_ramp,
 )
 from admm_jax.core.tree import select, selected_paths
 from admm_jax.models.llama import LlamaConfig, abstract_params
@@ -208,7 +208,7 @@ def test_admm_state_lookup_has_one_error():
 
 def test_rho_change_keeps_unscaled_dual():
     """With a ramp, ρ changes at each stage 2 and U is rescaled so that Y = ρU carries over."""
-    ramp = tanh_ramp(5, factor=10.0)
+    ramp = sigmoid_ramp(center=4.0, width=2.0, factor=10.0)
     tx = optax.chain(admm(nonneg, rho=0.5, interval=2, mask=ALL, rho_schedule=ramp),
                      optax.sgd(0.2))
     params, state = run(tx, 6)
@@ -342,3 +342,22 @@ def test_injected_rho_is_used():
     _, state = inj.update({"w": jnp.zeros_like(A)}, state, params)
     _, state = inj.update({"w": jnp.zeros_like(A)}, state, params)
     assert float(next(iter(block_states(state).values())).rho) == 5.0
+
+
+def test_sigmoid_ramp_midpoint_and_limits():
+    """SALAAD's ramp 1 + (f − 1)·sigmoid((t − c)/w): (1 + f)/2 at the centre, → 1 before and
+    → f after, monotone, and the official defaults (c = 2000, w = 100, f = 10)."""
+    ramp = sigmoid_ramp(center=300.0, width=20.0, factor=5.0)
+    assert float(ramp(300)) == pytest.approx(3.0, rel=1e-6)
+    assert float(ramp(0)) == pytest.approx(1.0, abs=1e-5)
+    assert float(ramp(1000)) == pytest.approx(5.0, rel=1e-6)
+    assert float(ramp(320)) == pytest.approx(1 + 4 / (1 + np.exp(-1.0)), rel=1e-6)
+    t = jnp.arange(0, 600, 7)
+    assert bool(jnp.all(jnp.diff(ramp(t)) >= 0))
+    default = sigmoid_ramp()
+    assert float(default(2000)) == pytest.approx(5.5, rel=1e-6)
+    assert float(default(0)) == pytest.approx(1.0, abs=1e-6)
+    assert float(default(3000)) == pytest.approx(1 + 9 / (1 + np.exp(-10.0)), rel=1e-6)
+    for bad in (dict(width=0.0), dict(factor=-1.0), dict(center=-5.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            sigmoid_ramp(**bad)

@@ -121,20 +121,48 @@ def test_hard_truncation_is_eckart_young():
 
 
 def test_effective_rank_constructed_spectra():
-    s = jnp.array([4.0, 3.0, 2.0, 1.0])  # cumulative shares 0.4, 0.7, 0.9, 1.0
+    s = jnp.array([4.0, 3.0, 2.0, 1.0])
+    # share of σ: cumulative 0.4, 0.7, 0.9, 1.0
     for energy, expected in [(0.4, 1), (0.5, 2), (0.7, 2), (0.71, 3), (0.9, 3), (0.999, 4),
                              (1.0, 4)]:
+        assert int(prox.effective_rank(s, energy, share="sigma")) == expected, energy
+    # share of σ² (the default, SALAAD's controller): 16, 25, 29, 30 of 30
+    for energy, expected in [(0.5, 1), (0.54, 2), (0.83, 2), (0.84, 3), (0.96, 3), (0.97, 4)]:
         assert int(prox.effective_rank(s, energy)) == expected, energy
-    assert int(prox.effective_rank(jnp.array([1.0, 4.0, 2.0, 3.0]), 0.7)) == 2  # order-free
+    assert int(prox.effective_rank(jnp.array([1.0, 4.0, 2.0, 3.0]), 0.7, share="sigma")) == 2
     assert int(prox.effective_rank(jnp.array([4.0, 3.0, 2.0, 1.0, 0.0, 0.0]), 1.0)) == 4
     assert int(prox.effective_rank(jnp.zeros(5))) == 0
-    # singular values, not their squares: [2, 1, 1] at γ = 0.6 needs 2 (squares would need 1)
-    assert int(prox.effective_rank(jnp.array([2.0, 1.0, 1.0]), 0.6)) == 2
+    # [2, 1, 1] at γ = 0.6: σ needs 2 (2/4 < 0.6), σ² needs 1 (4/6 ≥ 0.6)
+    assert int(prox.effective_rank(jnp.array([2.0, 1.0, 1.0]), 0.6, share="sigma")) == 2
+    assert int(prox.effective_rank(jnp.array([2.0, 1.0, 1.0]), 0.6)) == 1
+
+
+def test_effective_rank_harmonic_spectrum_matches_cumsum_reference():
+    """σ_i = 1/i, n = 576, γ = 0.999: the σ² share needs about half the spectrum, the σ share
+    nearly all of it (ratios 0.514 and 0.995), checked against a float64 cumsum reference."""
+    n = 576
+    sig = 1.0 / np.arange(1, n + 1)
+    for share, w in (("energy", sig**2), ("sigma", sig)):
+        cum = np.cumsum(w) / w.sum()
+        expected = int(np.argmax(cum >= 0.999)) + 1
+        got = float(prox.effective_rank_ratio(jnp.asarray(sig, jnp.float32), (n, n), 0.999,
+                                              share=share))
+        assert got == pytest.approx(expected / n, abs=1.5 / n), share
+    assert float(prox.effective_rank_ratio(jnp.asarray(sig, jnp.float32), (n, n), 0.999)) == \
+        pytest.approx(0.514, abs=0.002)
+    assert float(prox.effective_rank_ratio(jnp.asarray(sig, jnp.float32), (n, n), 0.999,
+                                           share="sigma")) == pytest.approx(0.995, abs=0.002)
+    with pytest.raises(ValueError, match="share"):
+        prox.effective_rank(jnp.ones(3), 0.9, share="squared")
+
+
+def test_effective_rank_batched():
+    s = jnp.array([4.0, 3.0, 2.0, 1.0])
     batched = prox.effective_rank(jnp.array([[[4.0, 3.0, 2.0, 1.0], [0.0] * 4, [1.0] * 4]] * 2),
-                                  0.5)
+                                  0.5, share="sigma")
     assert batched.dtype == jnp.int32
     np.testing.assert_array_equal(batched, [[2, 0, 2]] * 2)
-    ratio = prox.effective_rank_ratio(s, (8, 5), 0.5)
+    ratio = prox.effective_rank_ratio(s, (8, 5), 0.5, share="sigma")
     assert ratio.dtype == jnp.float32 and float(ratio) == pytest.approx(2 / 5)
 
 

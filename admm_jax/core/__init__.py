@@ -4,7 +4,7 @@ constraint-set interface (:mod:`~admm_jax.core.split`), ρ schedules
 (:mod:`~admm_jax.core.state`), low-precision state storage and pytree leaf selection."""
 
 from admm_jax.core.admm import admm
-from admm_jax.core.schedules import rho_ramp, tanh_ramp
+from admm_jax.core.schedules import rho_ramp, sigmoid_ramp
 from admm_jax.core.split import ProxContext, Split, blockwise
 from admm_jax.core.state import (
     ADMMState,
@@ -20,4 +20,4 @@ from admm_jax.core.tree import DEFAULT_PATTERN, path_str, select, selected_paths
 
 __all__ = ["DEFAULT_PATTERN", "ADMMState", "BlockState", "DecoupledState", "ProxContext", "Split",
            "StateStorage", "admm", "admm_metrics", "admm_state", "block_states", "blockwise",
-           "path_str", "rho_ramp", "select", "selected_paths", "state_memory", "tanh_ramp"]
+           "path_str", "rho_ramp", "select", "selected_paths", "sigmoid_ramp", "state_memory"]

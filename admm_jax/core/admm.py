@@ -60,7 +60,7 @@ params' dtype; updates keep the dtype of the incoming updates.
 ρ per block is ``rho · shape_factor · schedule(t) · balance`` where ``rho`` is a float or a
 function of (path, shape); ``shape_factor`` is 1 (``rho_scaling="none"``) or
 ``1/(n_layers·√(m·n))`` (``"shape"``, the SALAAD scaling law); ``schedule`` is e.g.
-:func:`~admm_jax.core.schedules.tanh_ramp`; ``balance`` is the residual-balancing multiplier
+:func:`~admm_jax.core.schedules.sigmoid_ramp`; ``balance`` is the residual-balancing multiplier
 (Boyd et al. 2011, §3.4.1), if enabled. ρ changes only at stage 2, and the scaled dual is
 rescaled (``U ← U·ρ_old/ρ_new``) so that the unscaled dual ``Y = ρU`` is unchanged.
 
@@ -312,7 +312,7 @@ def admm(split: Split, rho: RhoSpec, *, interval: int = 2, mask: SelectionSpec =
             must be 2-D and at least one must be selected.
         rho_scaling: ``"none"`` or ``"shape"`` (ρ·1/(n_layers·√(mn)), needs ``n_layers``).
         n_layers: model depth, for ``rho_scaling="shape"``.
-        rho_schedule: ``t -> multiplier`` applied at stage 2, e.g. :func:`tanh_ramp`.
+        rho_schedule: ``t -> multiplier`` applied at stage 2, e.g. :func:`sigmoid_ramp`.
         residual_balancing: ``(μ, τ)``, both > 1: after stage 2, multiply ρ by τ if the primal
             residual exceeds μ× the dual residual, divide by τ in the opposite case.
         coupling: ``"gradient"`` (add ρ(X − Z + U) to the gradient; put before the base

@@ -26,7 +26,7 @@ arguments that set shapes (``rank``, ``rank_cap``, ``n_iter``, ``oversample``) m
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,7 @@ from admm_jax._checks import check_int, is_traced
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
+Share = Literal["energy", "sigma"]
 
 # Full-precision matmuls: on GPU/TPU the default f32 matmul precision may use TF32/bf16 passes that
 # would destroy the orthogonality Cholesky-QR and the Rayleigh–Ritz step rely on.
@@ -323,47 +324,56 @@ def low_rank_subspace(x: ArrayLike, prev: LowRank | None = None, *, rank_cap: in
 # structure measures
 
 
-def effective_rank(s: ArrayLike, energy: float | ArrayLike = 0.999) -> Array:
-    """Effective rank under energy coverage γ (SALAAD's Γ_γ numerator).
+def effective_rank(s: ArrayLike, energy: float | ArrayLike = 0.999, *,
+                   share: Share = "energy") -> Array:
+    """Effective rank under coverage γ (SALAAD's Γ_γ numerator).
 
-    ``r_γ(σ) = min{ r : Σ_{i≤r} σ_i ≥ γ·Σ_i σ_i }`` over the singular values sorted descending
-    (sorted here, so any order is accepted), and 0 for an all-zero spectrum. Following SALAAD
-    ("smallest r whose cumulative singular-value share reaches γ") the share is of the singular
-    values themselves, not of their squares (the spectral energy); with squares the same γ would
-    give a smaller rank.
+    ``r_γ(σ) = min{ r : Σ_{i≤r} w(σ_i) ≥ γ·Σ_i w(σ_i) }`` over the singular values sorted
+    descending (sorted here, so any order is accepted), and 0 for an all-zero spectrum, with
+
+    * ``share="energy"`` (default): ``w(σ) = σ²``, the spectral energy — what SALAAD's controller
+      measures (official code: ``cumsum(σ²)/Σσ² ≥ γ``);
+    * ``share="sigma"``: ``w(σ) = σ``, the share of the singular values themselves — the
+      convention of SALAAD's deployment script. For the same γ it gives a larger rank: on
+      ``σ_i = 1/i`` (576 values) at γ = 0.999 the ratios are 0.514 (energy) and 0.995 (σ).
 
     Args:
         s: f32[..., r] non-negative singular values (e.g. ``LowRank.s``).
         energy: γ in ``(0, 1]``.
+        share: ``"energy"`` or ``"sigma"`` (above).
 
     Returns:
         int32[...].
     """
     _check_entries("energy", energy, positive=True, at_most_one=True)
+    if share not in get_args(Share):
+        raise ValueError(f"share must be one of {get_args(Share)}, got {share!r}")
     s = jnp.asarray(s)
     if s.ndim < 1:
         raise ValueError(f"s must have a trailing spectrum axis f[..., r], got shape {s.shape}")
-    cumulative = jnp.cumsum(-jnp.sort(-s, axis=-1), axis=-1)
+    w = -jnp.sort(-s, axis=-1)
+    cumulative = jnp.cumsum(w * w if share == "energy" else w, axis=-1)
     total = cumulative[..., -1:]
     rank = jnp.sum(cumulative < jnp.asarray(energy, s.dtype) * total, axis=-1) + 1
     return jnp.where(total[..., 0] > 0, rank, 0).astype(jnp.int32)
 
 
 def effective_rank_ratio(s: ArrayLike, shape: tuple[int, ...],
-                         energy: float | ArrayLike = 0.999) -> Array:
+                         energy: float | ArrayLike = 0.999, *, share: Share = "energy") -> Array:
     """SALAAD's effective-rank ratio ``Γ_γ = r_γ(σ) / min(m, n)`` (see :func:`effective_rank`).
 
     Args:
         s: f32[..., r] singular values of the ``m × n`` matrices.
         shape: the matrix shape; its last two entries are ``(m, n)``.
         energy: γ in ``(0, 1]``.
+        share: ``"energy"`` (σ², the controller's) or ``"sigma"`` (σ, the deployment script's).
 
     Returns:
         f32[...].
     """
     if len(shape) < 2 or min(shape[-2:]) < 1:
         raise ValueError(f"shape must end with two positive sizes (m, n), got {shape}")
-    return effective_rank(s, energy).astype(jnp.float32) / min(shape[-2:])
+    return effective_rank(s, energy, share=share).astype(jnp.float32) / min(shape[-2:])
 
 
 def density(x: ArrayLike, tol: float | ArrayLike = 0.0) -> Array:

@@ -23,8 +23,16 @@ Under ``optax.inject_hyperparams`` only ``rho`` and ``decoupled_lr`` may be inje
 ``interval``, ``energy``, ``rank_cap_ratio``, ``n_iter``, ``seed`` (and any callable ``rho`` or
 ``rho_schedule``) as ``static_args``.
 
-Initialisation (not specified by the paper; our choice): L = X, S = 0, α = β = 0, so Z = X and
-the coupling starts at zero; the controller then raises the thresholds from zero.
+The controller's rank ratio Γ is the effective rank of L's spectrum under the *energy* share
+(``cumsum(σ²)/Σσ² ≥ γ``, :func:`admm_jax.ops.prox.effective_rank`), as the official controller
+measures it; the σ share is a deployment-script convention only.
+
+Initialisation (the official code's; the paper does not specify it): L₀ is the best rank-
+⌊``init_rank_ratio``·min(m, n)⌋ approximation of X (``init_rank_ratio`` defaults to the target
+Γ̂ = 0.15), S₀ = 0 and the dual U₀ = 0, α = β = 0. So Z₀ = L₀ ≠ X and the coupling pulls X toward
+a low-rank matrix from the first step, and the first stage 2 (α = β = 0, no shrinkage) puts into
+S only what L₀ misses of V − L₀ instead of learning a dense S from a full-rank L = X.
+``init_rank_ratio=1.0`` gives L₀ = X up to rounding (no pull until the thresholds rise).
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from admm_jax.core.state import block_states
 from admm_jax.core.storage import StateStorage
 from admm_jax.core.tree import SelectionSpec
 from admm_jax.ops import prox
-from admm_jax.salaad.controller import ControllerConfig, i_controller
+from admm_jax.salaad.controller import ControllerConfig, Rates, controller_step
 
 Array = jax.Array
 Order = Literal["sparse_first", "low_rank_first"]
@@ -74,8 +82,14 @@ def _rank_cap(shape: tuple[int, ...], rank_cap_ratio: float) -> int:
     return max(1, math.ceil(rank_cap_ratio * min(shape)))
 
 
-def _init_state(x: Array, svd: SVD, rank_cap_ratio: float, seed: int) -> SLRState:
-    """L = X, S = 0, α = β = 0 (and zero warm-start factors for the subspace back-end)."""
+def _init_rank(shape: tuple[int, ...], init_rank_ratio: float) -> int:
+    return max(1, math.floor(init_rank_ratio * min(shape)))
+
+
+def _init_state(x: Array, svd: SVD, rank_cap_ratio: float, init_rank_ratio: float, energy: float,
+                seed: int) -> SLRState:
+    """L₀ = best rank-⌊ratio·min(m, n)⌋ approximation of X, S₀ = 0, α = β = 0 (zero warm-start
+    factors for the subspace back-end: its first stage 2 starts cold)."""
     factors = key = None
     if svd == "subspace":
         cap = _rank_cap(x.shape, rank_cap_ratio)
@@ -83,9 +97,11 @@ def _init_state(x: Array, svd: SVD, rank_cap_ratio: float, seed: int) -> SLRStat
                                s=jnp.zeros((cap,), x.dtype),
                                v=jnp.zeros((x.shape[1], cap), x.dtype))
         key = jax.random.key(seed)
+    low_rank, lr0 = prox.hard_rank_truncation(x, _init_rank(x.shape, init_rank_ratio))
     zero = jnp.zeros((), jnp.float32)
-    return SLRState(low_rank=x, sparse=jnp.zeros_like(x), alpha=zero, beta=zero,
-                    rank_ratio=jnp.ones((), jnp.float32), density=zero, factors=factors, key=key)
+    rank_ratio = prox.effective_rank_ratio(lr0.s, x.shape, energy)
+    return SLRState(low_rank=low_rank, sparse=jnp.zeros_like(x), alpha=zero, beta=zero,
+                    rank_ratio=rank_ratio, density=zero, factors=factors, key=key)
 
 
 def _low_rank_prox(y: Array, tau: Array, state: SLRState, svd: SVD, rank_cap_ratio: float,
@@ -104,20 +120,22 @@ def _low_rank_prox(y: Array, tau: Array, state: SLRState, svd: SVD, rank_cap_rat
 
 def slr_split(controller: ControllerConfig | None = None, *, energy: float = 0.999,
               order: Order = "sparse_first", svd: SVD = "exact", rank_cap_ratio: float = 0.25,
-              n_iter: int = 2, seed: int = 0) -> Split:
+              n_iter: int = 2, seed: int = 0, init_rank_ratio: float | None = None) -> Split:
     """The L + S split with the I-controller (see module docstring).
 
     Args:
         controller: targets and gains (default :class:`ControllerConfig`: Γ̂ = 0.15, Υ̂ = 0.05,
-            Δα = 0.2, Δβ = 0.002).
-        energy: γ in ``(0, 1]`` of the effective rank (smallest r whose singular-value share
-            reaches γ).
+            Δα = 0.2, Δβ = 0.002, no P term).
+        energy: γ in ``(0, 1]`` of the effective rank (smallest r whose share of the spectral
+            energy Σσ² reaches γ).
         order: ``"sparse_first"`` (official) or ``"low_rank_first"``.
         svd: ``"exact"`` or ``"subspace"`` (fast, rank-capped).
         rank_cap_ratio: rank cap of the subspace back-end as a fraction in ``(0, 1]`` of
             ``min(m, n)``.
         n_iter: subspace iterations per stage 2 (≥ 1).
         seed: PRNG seed of the subspace back-end.
+        init_rank_ratio: rank of L₀ as a fraction in ``(0, 1]`` of ``min(m, n)`` (floored, at
+            least 1); ``None`` = the controller's target rank ratio (official: 0.15).
 
     Returns:
         The split; its per-block prox is one alternating pass (J = 1) followed by the
@@ -130,9 +148,13 @@ def slr_split(controller: ControllerConfig | None = None, *, energy: float = 0.9
     check_real("rank_cap_ratio", rank_cap_ratio, low=0.0, low_open=True, high=1.0)
     check_int("n_iter", n_iter, 1)
     check_int("seed", seed)
+    init_rank_ratio = check_real("init_rank_ratio", controller.target_rank_ratio
+                                 if init_rank_ratio is None else init_rank_ratio,
+                                 low=0.0, low_open=True, high=1.0)
 
     def init(x):
-        return x, _init_state(x, svd, rank_cap_ratio, seed)
+        state = _init_state(x, svd, rank_cap_ratio, init_rank_ratio, energy, seed)
+        return state.low_rank, state
 
     def block_prox(v, state: SLRState, ctx: ProxContext):
         ell_tau, s_tau = state.alpha / ctx.rho, state.beta / ctx.rho
@@ -144,12 +166,12 @@ def slr_split(controller: ControllerConfig | None = None, *, energy: float = 0.9
             low_rank, factors, key = _low_rank_prox(v - state.sparse, ell_tau, state, svd,
                                                     rank_cap_ratio, n_iter)
             sparse = prox.soft_threshold(v - low_rank, s_tau)
-        rank_ratio = prox.effective_rank(factors.s, energy) / min(v.shape)
-        dens = prox.density(sparse)
-        alpha, beta = i_controller(state.alpha, state.beta, ctx.rho, rank_ratio, dens,
-                                   controller)
+        rates = Rates(prox.effective_rank_ratio(factors.s, v.shape, energy), prox.density(sparse))
+        alpha, beta = controller_step(state.alpha, state.beta, ctx.rho, rates,
+                                      Rates(state.rank_ratio, state.density), ctx.step,
+                                      controller)
         new_state = SLRState(low_rank=low_rank, sparse=sparse, alpha=alpha, beta=beta,
-                             rank_ratio=rank_ratio.astype(jnp.float32), density=dens,
+                             rank_ratio=rates.rank_ratio, density=rates.density,
                              factors=factors if svd == "subspace" else None, key=key)
         return low_rank + sparse, new_state
 
@@ -159,7 +181,8 @@ def slr_split(controller: ControllerConfig | None = None, *, energy: float = 0.9
 def slr_admm(rho: RhoSpec = 1e-6, *, interval: int = 2, mask: SelectionSpec = None,
              controller: ControllerConfig | None = None, energy: float = 0.999,
              order: Order = "sparse_first", svd: SVD = "exact", rank_cap_ratio: float = 0.25,
-             n_iter: int = 2, seed: int = 0, rho_scaling: RhoScaling = "none",
+             n_iter: int = 2, seed: int = 0, init_rank_ratio: float | None = None,
+             rho_scaling: RhoScaling = "none",
              n_layers: int | None = None, rho_schedule: Schedule | None = None,
              residual_balancing: tuple[float, float] | None = None,
              coupling: Coupling = "gradient", decoupled_lr: float | optax.Schedule = 1.0,
@@ -182,14 +205,16 @@ def slr_admm(rho: RhoSpec = 1e-6, *, interval: int = 2, mask: SelectionSpec = No
             knob to set.
         interval: K, steps between stage-2 updates (official: 2).
         mask: constrained leaves (default: decoder-layer kernels and the token embedding).
-        controller, energy, order, svd, rank_cap_ratio, n_iter, seed: see :func:`slr_split`.
+        controller, energy, order, svd, rank_cap_ratio, n_iter, seed, init_rank_ratio: see
+            :func:`slr_split`.
         rho_scaling, n_layers, rho_schedule, residual_balancing, coupling, decoupled_lr,
             state_storage, halt_on_nonfinite, base: see :func:`admm_jax.core.admm.admm`
             (``rho_scaling="shape"`` with ``n_layers`` is SALAAD's 1/(n_layers·√(mn)) law,
-            ``rho_schedule=tanh_ramp(...)`` its ρ ramp).
+            ``rho_schedule=sigmoid_ramp()`` its ρ ramp).
     """
     split = slr_split(controller, energy=energy, order=order, svd=svd,
-                      rank_cap_ratio=rank_cap_ratio, n_iter=n_iter, seed=seed)
+                      rank_cap_ratio=rank_cap_ratio, n_iter=n_iter, seed=seed,
+                      init_rank_ratio=init_rank_ratio)
     return admm(split, rho, interval=interval, mask=mask, rho_scaling=rho_scaling,
                 n_layers=n_layers, rho_schedule=rho_schedule,
                 residual_balancing=residual_balancing, coupling=coupling,
