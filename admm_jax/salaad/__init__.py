@@ -1,8 +1,15 @@
 """SALAAD: training-time sparse + low-rank induction (the L + S split and its I-controller),
-compact surrogates and Homomorphic Parameter Allocation for elastic deployment."""
+compact surrogates and their allocation (Homomorphic Parameter Allocation or sensitivity-aware)
+for elastic deployment."""
 
-from admm_jax.salaad.controller import ControllerConfig, i_controller
+from admm_jax.salaad.controller import ControllerConfig, Rates, controller_step
 from admm_jax.salaad.hpa import Allocation, allocate, deploy
+from admm_jax.salaad.sensitivity import (
+    BlockSensitivity,
+    fisher_diagonal,
+    removed_sensitivity,
+    unit_sensitivity,
+)
 from admm_jax.salaad.split import SLRState, slr_admm, slr_components, slr_metrics, slr_split
 from admm_jax.salaad.surrogate import (
     BlockSurrogate,
@@ -12,6 +19,25 @@ from admm_jax.salaad.surrogate import (
     save_surrogate,
 )
 
-__all__ = ["Allocation", "BlockSurrogate", "ControllerConfig", "SLRState", "allocate",
-           "block_surrogate", "deploy", "i_controller", "load_surrogate", "reconstruct",
-           "save_surrogate", "slr_admm", "slr_components", "slr_metrics", "slr_split"]
+__all__ = [
+    "Allocation",
+    "BlockSensitivity",
+    "BlockSurrogate",
+    "ControllerConfig",
+    "Rates",
+    "SLRState",
+    "allocate",
+    "block_surrogate",
+    "controller_step",
+    "deploy",
+    "fisher_diagonal",
+    "load_surrogate",
+    "reconstruct",
+    "removed_sensitivity",
+    "save_surrogate",
+    "slr_admm",
+    "slr_components",
+    "slr_metrics",
+    "slr_split",
+    "unit_sensitivity",
+]

@@ -20,12 +20,31 @@ A deployment keeping ranks ``r'_b`` and sparse counts ``k'_b`` therefore counts
 ``O + Σ_b [r'_b·(m_b + n_b + 1) + 2·k'_b]`` (:func:`param_count`; :func:`block_cost` is the one
 place that prices a block).
 
-Allocation (:func:`allocate`)
------------------------------
-``budget`` is a fraction of ``D`` in ``(0, 1]``; the target is ``T = floor(budget·D)`` (a product
-within float rounding of an integer counts as that integer: ``budget = N/D`` gives ``N``) and the
-constrained blocks get ``B_c = T − O`` (``budget < O/D`` cannot be represented: ``ValueError``).
-With ``P_L = Σ_b r_b(m_b+n_b+1)`` and ``P_S = Σ_b 2k_b`` the costs of the full surrogate:
+Budget (:func:`allocate`)
+-------------------------
+``budget`` is a fraction in ``(0, 1]`` of a reference count (``relative_to``):
+
+* ``"dense"`` (default): of ``D``; the target is ``T = floor(budget·D)`` and the constrained
+  blocks get ``B_c = T − O`` (``budget < O/D`` cannot be represented: ``ValueError``);
+* ``"constrained"``: of the constrained blocks' dense size ``C = Σ_b m_b·n_b``; the target is
+  ``T = O + floor(budget·C)`` and ``B_c = floor(budget·C)`` (every budget is representable).
+
+In both a product within float rounding of an integer counts as that integer (``budget = N/D``
+gives ``N``).
+
+Strategies (``strategy``)
+-------------------------
+``"sensitivity"`` (beyond the paper) keeps, in each block, the prefixes that minimise the total
+estimated loss increase of the removed units (:func:`admm_jax.salaad.sensitivity.unit_sensitivity`
+scores) within ``B_c``: a Lagrangian on per-part concave envelopes plus a greedy fill
+(:func:`admm_jax.salaad.sensitivity.sensitivity_allocation`). The count never exceeds ``T`` and
+falls short of it by less than the cost of any unit left out (``T − 1`` while a sparse entry is
+left out). κ and ``exact`` play no part: the split between L and S falls out of the scores.
+``phi_low_rank`` / ``phi_sparse`` then report the aggregate kept fractions ``Σ r'_b / Σ r_b`` and
+``Σ k'_b / Σ k_b`` (1 for an empty part).
+
+``"homomorphic"`` (default) is SALAAD's HPA. With ``P_L = Σ_b r_b(m_b+n_b+1)`` and
+``P_S = Σ_b 2k_b`` the costs of the full surrogate:
 
 1. If ``B_c ≥ P_L + P_S`` everything is kept (ϕL = ϕS = 1) and the reported count is the actual,
    smaller one ``O + P_L + P_S``.
@@ -48,8 +67,8 @@ With ``P_L = Σ_b r_b(m_b+n_b+1)`` and ``P_S = Σ_b 2k_b`` the costs of the full
    ``B_S = B_c − B_L``, ``ϕS = B_S / P_S`` and every block keeps ``floor(ϕS·k_b)``; the count
    falls short of ``T`` by the rounding slack (< one step of ϕL + 2·#blocks).
 
-Monotonicity: ϕL, every kept rank, and the total count never decrease when the budget grows (both
-modes). With ``exact=False`` every kept sparse count, hence every kept set, is also nested in
+HPA monotonicity: ϕL, every kept rank, and the total count never decrease when the budget grows
+(both modes). With ``exact=False`` every kept sparse count, hence every kept set, is also nested in
 that of any larger budget. With ``exact=True`` that is impossible for the sparse counts: when a
 slightly larger budget adds triplets (a step of ϕL costs ``Σ (m_b + n_b + 1)`` over the blocks it
 grows, at least 3) while the total stays within ±1 of ``T``, the sparse part must give back half
@@ -62,14 +81,15 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from admm_jax._checks import check_real
+from admm_jax._checks import check_choice, check_real
 from admm_jax.core.tree import path_str
+from admm_jax.salaad.sensitivity import Sensitivity, sensitivity_allocation
 from admm_jax.salaad.surrogate import BlockSurrogate, Surrogate, reconstruct
 
 
@@ -82,10 +102,13 @@ class Allocation(NamedTuple):
         ranks: block path -> kept rank ``r'_b``.
         n_sparse: block path -> kept sparse count ``k'_b``.
         params: exact deployed parameter count (module docstring convention).
-        budget: target count ``floor(fraction·dense_params)``.
+        budget: target count ``T`` (``floor(fraction·D)``, or ``O + floor(fraction·C)`` when
+            ``relative_to == "constrained"``).
         dense_params: ``D = count_params(params)``.
-        fraction: the requested budget as a fraction of ``D``.
-        kappa: the low-rank share κ.
+        fraction: the requested budget as a fraction of the ``relative_to`` reference count.
+        kappa: the low-rank share κ (as passed; unused by the sensitivity strategy).
+        strategy: ``"homomorphic"`` or ``"sensitivity"``.
+        relative_to: ``"dense"`` (``D``) or ``"constrained"`` (``C = Σ_b m_b·n_b``).
     """
 
     phi_low_rank: float
@@ -97,6 +120,8 @@ class Allocation(NamedTuple):
     dense_params: int
     fraction: float
     kappa: float
+    strategy: str = "homomorphic"
+    relative_to: str = "dense"
 
 
 def block_cost(shape: tuple[int, int], rank: int, n_sparse: int) -> int:
@@ -230,65 +255,116 @@ def _apportion(k: int, nnz: np.ndarray) -> np.ndarray:
     return np.array(kept, np.int64)
 
 
-def allocate(surrogate: Surrogate, budget: float, kappa: float = 0.5, *, params: Any,
-             exact: bool = True) -> Allocation:
-    """Homomorphic Parameter Allocation of ``surrogate`` at ``budget`` (see module docstring).
-
-    Args:
-        surrogate: block path -> :class:`~admm_jax.salaad.surrogate.BlockSurrogate`.
-        budget: deployed size as a fraction of the dense parameter count, in ``(0, 1]``.
-        kappa: share of the constrained blocks' budget given to the low-rank parts, in
-            ``[0, 1]`` (1: as much low rank as possible before any sparse entry; 0: the reverse).
-        params: the model's params (arrays or ``jax.ShapeDtypeStruct``); fixes ``D``, ``O``, the
-            block order and validates the surrogate's paths and shapes.
-        exact: spend the low-rank rounding slack on sparse entries so the count is ``T`` or
-            ``T − 1`` (default); ``False`` keeps every kept set nested across budgets instead.
-
-    Raises:
-        TypeError: ``budget`` or ``kappa`` is not a real number.
-        ValueError: ``budget`` outside ``(0, 1]`` (a fraction of the dense count, not a
-            percentage) or below the smallest representable model ``O / D``; ``kappa`` outside
-            ``[0, 1]``; surrogate/params mismatch.
-    """
-    frac = Fraction(check_real("budget", budget, low=0.0, high=1.0, low_open=True))
-    kap = Fraction(check_real("kappa", kappa, low=0.0, high=1.0))
-    blocks, dense, other = _blocks(surrogate, params)
+def _targets(frac: Fraction, budget: float, relative_to: str, dense: int, other: int) -> int:
+    """The target ``T`` for the ``relative_to`` reference (module docstring, "Budget")."""
+    if relative_to == "constrained":
+        return other + _target(frac, dense - other)
     target = _target(frac, dense)
     if target < other:
         raise ValueError(
             f"budget {budget!r} ({target} parameters) is below the smallest representable model: "
             f"the {other} parameters outside the constrained blocks need budget >= "
-            f"{other / dense:.6g} (= {other}/{dense})")
-    b_c = target - other
+            f"{other / dense:.6g} (= {other}/{dense}); relative_to='constrained' measures the "
+            "budget against the constrained blocks only")
+    return target
+
+
+def _homomorphic(blocks: list[_Block], b_c: int, kap: Fraction,
+                 exact: bool) -> tuple[np.ndarray, np.ndarray, Fraction, Fraction]:
+    """HPA steps 1-4 (module docstring): ``(ranks, sparse counts, ϕL, ϕS)`` within ``b_c``."""
     ranks_full = np.array([b.rank for b in blocks], np.int64)
     nnz_full = np.array([b.nnz for b in blocks], np.int64)
     unit = np.array([b.shape[0] + b.shape[1] + 1 for b in blocks], np.int64)
     p_l = int(np.sum(ranks_full * unit))
     p_s = 2 * int(np.sum(nnz_full))
     total_k = int(np.sum(nnz_full))
-
     if b_c >= p_l + p_s:
-        ranks, kept = ranks_full, nnz_full
-        phi_l = phi_s = Fraction(1)
+        return ranks_full, nnz_full, Fraction(1), Fraction(1)
+    b_l = min(Fraction(p_l), max(kap * b_c, Fraction(b_c - p_s)))
+    ladder = _RankLadder(ranks_full, unit)
+    i = _rank_breakpoint(ladder, b_l, b_c, p_s, exact)
+    if exact:
+        k = min(total_k, (b_c - ladder.cost(i)) // 2)
+        phi_s = Fraction(k, total_k) if total_k else Fraction(1)
+        kept = _apportion(k, nnz_full)
     else:
-        b_l = min(Fraction(p_l), max(kap * b_c, Fraction(b_c - p_s)))
-        ladder = _RankLadder(ranks_full, unit)
-        i = _rank_breakpoint(ladder, b_l, b_c, p_s, exact)
-        phi_l, ranks = ladder.ratio(i), ladder.kept(i)
-        if exact:
-            k = min(total_k, (b_c - ladder.cost(i)) // 2)
-            phi_s = Fraction(k, total_k) if total_k else Fraction(1)
-            kept = _apportion(k, nnz_full)
-        else:
-            phi_s = (Fraction(b_c) - b_l) / p_s if p_s else Fraction(1)
-            kept = np.array([math.floor(phi_s * int(n)) for n in nnz_full], np.int64)
+        phi_s = (Fraction(b_c) - b_l) / p_s if p_s else Fraction(1)
+        kept = np.array([math.floor(phi_s * int(n)) for n in nnz_full], np.int64)
+    return ladder.kept(i), kept, ladder.ratio(i), phi_s
+
+
+def _by_sensitivity(surrogate: Surrogate, blocks: list[_Block], b_c: int,
+                    sensitivity: Any) -> tuple[np.ndarray, np.ndarray, Fraction, Fraction]:
+    """The sensitivity strategy's ``(ranks, sparse counts, aggregate ϕL, aggregate ϕS)``."""
+    ordered = {b.path: surrogate[b.path] for b in blocks}
+    costs = {b.path: (block_cost(b.shape, 1, 0), block_cost(b.shape, 0, 1)) for b in blocks}
+    sol = sensitivity_allocation(sensitivity, ordered, costs, b_c)
+    ranks = np.array([sol.ranks[b.path] for b in blocks], np.int64)
+    kept = np.array([sol.n_sparse[b.path] for b in blocks], np.int64)
+
+    def share(part: np.ndarray, full: int) -> Fraction:
+        return Fraction(int(np.sum(part)), full) if full else Fraction(1)
+
+    return (ranks, kept, share(ranks, sum(b.rank for b in blocks)),
+            share(kept, sum(b.nnz for b in blocks)))
+
+
+def allocate(surrogate: Surrogate, budget: float, kappa: float = 0.5, *, params: Any,
+             exact: bool = True, strategy: Literal["homomorphic", "sensitivity"] = "homomorphic",
+             sensitivity: Sensitivity | None = None,
+             relative_to: Literal["dense", "constrained"] = "dense") -> Allocation:
+    """Parameter allocation of ``surrogate`` at ``budget``: HPA or sensitivity-aware (see the
+    module docstring).
+
+    Args:
+        surrogate: block path -> :class:`~admm_jax.salaad.surrogate.BlockSurrogate`.
+        budget: deployed size as a fraction, in ``(0, 1]``, of the ``relative_to`` count.
+        kappa: HPA's share of the constrained blocks' budget given to the low-rank parts, in
+            ``[0, 1]`` (1: as much low rank as possible before any sparse entry; 0: the reverse).
+            Checked but unused by ``strategy="sensitivity"``.
+        params: the model's params (arrays or ``jax.ShapeDtypeStruct``); fixes ``D``, ``O``, the
+            block order and validates the surrogate's paths and shapes.
+        exact: HPA only: spend the low-rank rounding slack on sparse entries so the count is
+            ``T`` or ``T − 1`` (default); ``False`` keeps every kept set nested across budgets.
+        strategy: ``"homomorphic"`` (SALAAD's shared ratios) or ``"sensitivity"`` (minimise the
+            total estimated loss increase of the removed units).
+        sensitivity: block path -> :class:`~admm_jax.salaad.sensitivity.BlockSensitivity` of
+            this surrogate (:func:`~admm_jax.salaad.sensitivity.unit_sensitivity`); required by,
+            and only accepted with, ``strategy="sensitivity"``.
+        relative_to: ``"dense"``: ``budget`` is a fraction of the dense count ``D``;
+            ``"constrained"``: of the constrained blocks' dense size ``Σ_b m_b·n_b``, on top of
+            the ``O`` parameters outside them.
+
+    Raises:
+        TypeError: ``budget`` or ``kappa`` is not a real number.
+        ValueError: ``budget`` outside ``(0, 1]`` (a fraction, not a percentage) or, relative to
+            ``D``, below the smallest representable model ``O / D``; ``kappa`` outside
+            ``[0, 1]``; an unknown ``strategy`` / ``relative_to``; ``sensitivity`` missing,
+            superfluous or not matching the surrogate; surrogate/params mismatch.
+    """
+    frac = Fraction(check_real("budget", budget, low=0.0, high=1.0, low_open=True))
+    kap = Fraction(check_real("kappa", kappa, low=0.0, high=1.0))
+    check_choice("strategy", strategy, ("homomorphic", "sensitivity"))
+    check_choice("relative_to", relative_to, ("dense", "constrained"))
+    if strategy == "sensitivity" and sensitivity is None:
+        raise ValueError("strategy='sensitivity' needs sensitivity= (per-unit scores, see "
+                         "admm_jax.salaad.sensitivity.unit_sensitivity)")
+    if strategy == "homomorphic" and sensitivity is not None:
+        raise ValueError("sensitivity= is only used by strategy='sensitivity'")
+    blocks, dense, other = _blocks(surrogate, params)
+    target = _targets(frac, budget, relative_to, dense, other)
+    if strategy == "sensitivity":
+        ranks, kept, phi_l, phi_s = _by_sensitivity(surrogate, blocks, target - other,
+                                                    sensitivity)
+    else:
+        ranks, kept, phi_l, phi_s = _homomorphic(blocks, target - other, kap, exact)
     rank_d = {b.path: int(r) for b, r in zip(blocks, ranks)}
     kept_d = {b.path: int(k) for b, k in zip(blocks, kept)}
     total = other + sum(block_cost(b.shape, rank_d[b.path], kept_d[b.path]) for b in blocks)
-    if total > target:  # impossible by construction (steps 1-4); guard the invariant
-        raise RuntimeError(f"HPA allocated {total} parameters above the budget {target}")
+    if total > target:  # impossible by construction; guard the invariant
+        raise RuntimeError(f"allocated {total} parameters above the budget {target}")
     return Allocation(float(phi_l), float(phi_s), rank_d, kept_d, int(total), int(target),
-                      int(dense), float(budget), float(kappa))
+                      int(dense), float(budget), float(kappa), strategy, relative_to)
 
 
 def deploy(params: Any, surrogate: Surrogate, allocation: Allocation) -> Any:
