@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from typing import Literal
 
 import jax
 
@@ -44,7 +45,10 @@ class DeployConfig(EvaluateConfig):
     evaluation of experiments.evaluate."""
 
     budget: float = 0.0
-    """Deployed parameter count as a fraction of the dense count, in (0, 1]."""
+    """Deployed parameter count as a fraction in (0, 1] of RELATIVE_TO."""
+    relative_to: Literal["dense", "constrained"] = "dense"
+    """BUDGET as a fraction of all parameters, or of the constrained blocks' dense parameters
+    (the rest of the model always stays dense)."""
     kappa: float = 0.5
     """HPA mixing coefficient: share of the reduction taken from the low-rank parts."""
     exact: bool = True
@@ -66,7 +70,7 @@ def deploy_checkpoint(cfg: DeployConfig) -> tuple[LoadedModel, Allocation, dict]
     surrogate = load_surrogate(cfg.checkpoint)
     t0 = time.perf_counter()
     allocation = allocate(surrogate, cfg.budget, cfg.kappa, params=loaded.params,
-                          exact=cfg.exact)
+                          exact=cfg.exact, relative_to=cfg.relative_to)
     params = jax.block_until_ready(deploy(loaded.params, surrogate, allocation))
     print(f"deployed {allocation.params:,} / {allocation.dense_params:,} params (target "
           f"{allocation.budget:,}; phi_low_rank {allocation.phi_low_rank:.4f}, phi_sparse "
@@ -79,7 +83,8 @@ def hpa_meta(cfg: DeployConfig, loaded: LoadedModel, allocation: Allocation) -> 
     meta = {k: loaded.meta[k] for k in _CORPUS_KEYS if k in loaded.meta}
     meta["hpa"] = {
         "source": str(resolve_checkpoint_dir(cfg.checkpoint)), "source_step": loaded.step,
-        "budget": cfg.budget, "kappa": cfg.kappa, "exact": cfg.exact,
+        "budget": cfg.budget, "relative_to": cfg.relative_to, "kappa": cfg.kappa,
+        "exact": cfg.exact,
         "params": allocation.params, "budget_params": allocation.budget,
         "dense_params": allocation.dense_params, "phi_low_rank": allocation.phi_low_rank,
         "phi_sparse": allocation.phi_sparse, "ranks": allocation.ranks,

@@ -1,44 +1,52 @@
 """SALAAD vs dense + post-hoc RPCA: training-time SLR induction and elastic deployment.
 
-    python -m experiments.salaad                       # CPU preset (tiny model, minutes)
+    python -m experiments.salaad                       # CPU preset (tiny model)
+    python -m experiments.salaad --coupling gradient --rho_scaling shape --rho 4 ...
     python -m experiments.salaad --model 60m --train.steps 10000 --train.batch_size 64 ...
 
 1. Pretrain the same model twice with the same seed, data and steps: dense AdamW, and SALAAD
-   (``clip → slr_admm → adamw``), logging per-block effective-rank ratio, density and residual
-   ``‖X − L − S‖/‖X‖``.
+   (decoupled: ``clip → adamw → slr_admm``; gradient coupling: ``clip → slr_admm → adamw``),
+   logging per-block effective-rank ratio (σ² share), density and residual ``‖X − L − S‖/‖X‖``.
+   ``--baseline false`` trains SALAAD only (for tuning the controller on training data).
 2. Export the surrogates: SALAAD's L + S from its optimizer state; for the dense model, robust PCA
    (:func:`admm_jax.ops.rpca.rpca`) of every constrained block, post hoc.
-3. Deploy both with Homomorphic Parameter Allocation at a sweep of budgets and evaluate validation
-   perplexity.
+3. Deploy each surrogate at a sweep of budgets — fractions of the constrained blocks' dense
+   parameters by default (``--relative_to dense`` for fractions of the whole model) — with
+   Homomorphic Parameter Allocation and with the sensitivity-aware allocation (diagonal Fisher of
+   the full surrogate on train-split windows, :mod:`admm_jax.salaad.sensitivity`), and evaluate
+   validation perplexity.
 
-Writes ``runs/<name>/`` (both runs, ``blocks.png``, ``budget.png``, ``summary.md``,
-``results.json``) and the table to ``results/salaad.md``.
+Writes ``runs/<name>/`` (the runs, ``blocks.png``, ``budget.png``, ``curves.png``, ``summary.md``,
+``results.json``) and the summary to ``results``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Literal
 
 import jax
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import numpy as np
 import optax
 
 from admm_jax._checks import check_int, check_real
 from admm_jax._io import atomic_write_json
-from admm_jax.core import admm_metrics, path_str, select, selected_paths
-from admm_jax.data import TokenizedCorpus, corpus_meta, eval_batches, prepare_corpus
+from admm_jax.core import admm_metrics, path_str, select, selected_paths, sigmoid_ramp
+from admm_jax.data import (
+    TokenizedCorpus,
+    calibration_samples,
+    corpus_meta,
+    eval_batches,
+    prepare_corpus,
+)
 from admm_jax.models.llama import LlamaConfig, abstract_params, count_params
 from admm_jax.ops.rpca import rpca_tree
 from admm_jax.salaad.controller import ControllerConfig
 from admm_jax.salaad.hpa import allocate, deploy
+from admm_jax.salaad.sensitivity import Sensitivity, fisher_diagonal, unit_sensitivity
 from admm_jax.salaad.split import slr_admm, slr_components
 from admm_jax.salaad.surrogate import (
     Surrogate,
@@ -49,9 +57,20 @@ from admm_jax.salaad.surrogate import (
 )
 from admm_jax.training import OptimizerConfig, TrainConfig, adamw, train
 from admm_jax.training.checkpoint import resolve_checkpoint_dir
-from admm_jax.training.lm import make_nll_sum, perplexity
+from admm_jax.training.lm import make_nll_sum, next_token_loss, perplexity
 from experiments.cli import parse_config, to_dict
-from experiments.runs import markdown_table, run_dir
+from experiments.runs import run_dir
+from experiments.salaad_report import (
+    plot_blocks,
+    plot_budget,
+    plot_curves,
+    summary_markdown,
+    target_report,
+    write_results,
+)
+
+Strategy = Literal["homomorphic", "sensitivity"]
+STRATEGY_LABEL = {"homomorphic": "hpa", "sensitivity": "sensitivity"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +99,29 @@ class SalaadConfig:
     """Subspace-iteration rank cap as a fraction of min(rows, cols)."""
     coupling: Literal["gradient", "decoupled"] = "decoupled"
     """Add ρ(X − Z + U) to the gradient before AdamW, or pull X toward Z after AdamW."""
+    rho_scaling: Literal["none", "shape"] = "none"
+    """'shape': SALAAD's law ρ_b = RHO / (n_layers·√(m·n)) per block."""
+    ramp_factor: float = 10.0
+    """Final ρ multiplier of SALAAD's sigmoid ramp (1 = constant ρ)."""
+    ramp_center: float = 400.0
+    """Step at the ramp's midpoint (official: 2,000)."""
+    ramp_width: float = 20.0
+    """Steps per unit of the ramp's logistic argument (official: 100)."""
+    init_rank_ratio: float | None = None
+    """Rank of L₀ as a fraction of min(m, n); None = the target rank ratio (official)."""
     controller: ControllerConfig = dataclasses.field(default_factory=lambda: ControllerConfig(
         target_rank_ratio=0.15, target_density=0.05, alpha_step=0.003, beta_step=0.0003))
     """Targets and integral gains of the per-block α/β controller."""
-    budgets: str = "0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"
-    """Comma-separated HPA parameter budgets (fractions of the dense parameter count)."""
+    baseline: bool = True
+    """Also train the dense model and deploy its post-hoc RPCA surrogate."""
+    budgets: str = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"
+    """Comma-separated deployment budgets (fractions, see RELATIVE_TO)."""
+    relative_to: Literal["constrained", "dense"] = "constrained"
+    """Budgets as fractions of the constrained blocks' dense parameters, or of all parameters."""
+    strategies: str = "homomorphic,sensitivity"
+    """Comma-separated allocations: homomorphic (HPA), sensitivity (diagonal Fisher)."""
+    fisher_windows: int = 32
+    """Train-split windows (one per batch, TRAIN.SEQ_LEN tokens) of the Fisher estimate."""
     kappa: float = 0.5
     """HPA mixing coefficient: share of the reduction taken from the low-rank parts."""
     rpca_max_iter: int = 100
@@ -106,8 +143,11 @@ class SalaadConfig:
         check_real("kappa", self.kappa, low=0.0, high=1.0)
         check_int("rpca_max_iter", self.rpca_max_iter, minimum=1)
         check_int("eval_batches", self.eval_batches, minimum=0)
+        check_int("fisher_windows", self.fisher_windows, minimum=1)
+        check_real("ramp_factor", self.ramp_factor, low=0.0, low_open=True)
         for budget in parse_budgets(self.budgets):
             check_real("budgets", budget, low=0.0, high=1.0, low_open=True)
+        parse_strategies(self.strategies)
 
 
 def parse_budgets(budgets: str) -> list[float]:
@@ -118,17 +158,31 @@ def parse_budgets(budgets: str) -> list[float]:
         raise ValueError(f"budgets must be comma-separated numbers, got {budgets!r}") from None
 
 
-def salaad_optimizer(cfg: SalaadConfig) -> optax.GradientTransformation:
+def parse_strategies(strategies: str) -> list[Strategy]:
+    """``"homomorphic,sensitivity"`` → the list, validated."""
+    out = [s.strip() for s in strategies.split(",") if s.strip()]
+    bad = [s for s in out if s not in STRATEGY_LABEL]
+    if not out or bad:
+        raise ValueError(f"strategies must be a comma-separated subset of "
+                         f"{sorted(STRATEGY_LABEL)}, got {strategies!r}")
+    return out
+
+
+def salaad_optimizer(cfg: SalaadConfig, n_layers: int) -> optax.GradientTransformation:
     """``clip → slr_admm → adamw`` (``clip → adamw → slr_admm`` with decoupled coupling, where
     ``ρ`` is the fraction of ``X − Z + U`` removed per step); the embedding gets
-    ``embed_rho_ratio · ρ`` (official ratio 3e-7 / 1e-6 ≈ 0.3)."""
+    ``embed_rho_ratio · ρ`` (official ratio 3e-7 / 1e-6 ≈ 0.3); SALAAD's sigmoid ρ ramp unless
+    ``ramp_factor`` is 1."""
 
     def rho(path: str, shape) -> float:
         return cfg.rho * (cfg.embed_rho_ratio if path.startswith("embed") else 1.0)
 
+    ramp = (sigmoid_ramp(cfg.ramp_center, cfg.ramp_width, cfg.ramp_factor)
+            if cfg.ramp_factor != 1 else None)
     induce = slr_admm(rho, interval=cfg.interval, controller=cfg.controller, svd=cfg.svd,
-                      rank_cap_ratio=cfg.rank_cap_ratio, coupling=cfg.coupling,
-                      halt_on_nonfinite=True)
+                      rank_cap_ratio=cfg.rank_cap_ratio, init_rank_ratio=cfg.init_rank_ratio,
+                      rho_scaling=cfg.rho_scaling, n_layers=n_layers, rho_schedule=ramp,
+                      coupling=cfg.coupling, halt_on_nonfinite=True)
     clip = optax.clip_by_global_norm(cfg.train.optimizer.grad_clip)
     if cfg.coupling == "decoupled":  # pull after the base optimizer, like decoupled decay
         return optax.chain(clip, adamw(cfg.train), induce)
@@ -144,54 +198,21 @@ def rpca_surrogate(params, cfg: SalaadConfig) -> Surrogate:
     return {p: block_surrogate(r.low_rank, r.sparse) for p, r in results.items()}
 
 
-def surrogate_stats(surrogate: Surrogate) -> tuple[float, float]:
-    """Mean rank ratio ``r/min(m,n)`` and mean density of the sparse parts."""
+def surrogate_stats(surrogate: Surrogate) -> dict[str, float]:
+    """Mean exact rank ratio ``r/min(m,n)`` and mean density of the sparse parts."""
     ranks = [b.rank / min(b.shape) for b in surrogate.values()]
     dens = [b.nnz / (b.shape[0] * b.shape[1]) for b in surrogate.values()]
-    return sum(ranks) / len(ranks), sum(dens) / len(dens)
+    return {"mean_rank_ratio": sum(ranks) / len(ranks), "mean_density": sum(dens) / len(dens)}
 
 
-def plot_blocks(history: list[dict], path: Path) -> None:
-    """Per-block effective-rank ratio, density and residual over training."""
-    keys = sorted({k.rsplit("/", 1)[0] for r in history for k in r if k.endswith("/rank_ratio")})
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharex=True)
-    for ax, metric, title in zip(axes, ("rank_ratio", "density", "residual"),
-                                 ("effective-rank ratio of L", "density of S",
-                                  "‖X − L − S‖ / ‖X‖")):
-        for block in keys:
-            pts = [(r["step"], r[f"{block}/{metric}"]) for r in history
-                   if f"{block}/{metric}" in r]
-            if not pts:
-                continue
-            kind = ("embed" if block.startswith("embed") else "attn" if "/attn/" in block
-                    else "mlp")
-            color = {"embed": "tab:red", "attn": "tab:blue", "mlp": "tab:green"}[kind]
-            ax.plot(*zip(*pts), color=color, alpha=0.5, lw=1)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-    axes[2].set_yscale("log")
-    handles = [plt.Line2D([], [], color=c, label=k) for k, c in
-               (("embedding", "tab:red"), ("attention", "tab:blue"), ("MLP", "tab:green"))]
-    axes[0].legend(handles=handles)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_budget(rows: list[dict], dense_ppl: float, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["budget"] for r in rows], [r["salaad_ppl"] for r in rows], "o-",
-            label="SALAAD + HPA")
-    ax.plot([r["budget"] for r in rows], [r["rpca_ppl"] for r in rows], "s-",
-            label="dense + post-hoc RPCA + HPA")
-    ax.axhline(dense_ppl, color="gray", ls="--", label="dense model")
-    ax.set_xlabel("parameter budget (fraction of dense)")
-    ax.set_ylabel("validation perplexity")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def surrogate_sensitivity(graphdef, params, surrogate: Surrogate, windows: np.ndarray
+                          ) -> Sensitivity:
+    """Unit sensitivities of ``surrogate`` from the diagonal Fisher of its full reconstruction
+    (every triplet and entry kept) over ``windows`` (one window per batch)."""
+    full = allocate(surrogate, 1.0, params=params, relative_to="constrained")
+    fisher = fisher_diagonal(lambda p, b: next_token_loss(graphdef, p, b),
+                             deploy(params, surrogate, full), (w[None] for w in windows))
+    return unit_sensitivity(surrogate, fisher)
 
 
 def train_seconds(history: list[dict], cfg: TrainConfig) -> float:
@@ -212,14 +233,16 @@ def final_train_loss(history: list[dict], tail: float = 0.1) -> float:
 
 
 def export_surrogates(dense, salaad, cfg: SalaadConfig, corpus: TokenizedCorpus,
-                      out: Path, timings: dict) -> tuple[Surrogate, Surrogate]:
-    """``(SALAAD surrogate, post-hoc RPCA surrogate)``, saved next to each run's checkpoint
-    once (a rerun loads them) and loaded back from disk."""
+                      out: Path, timings: dict) -> tuple[Surrogate, Surrogate | None]:
+    """``(SALAAD surrogate, post-hoc RPCA surrogate or None without a dense run)``, saved next
+    to each run's checkpoint once (a rerun loads them) and loaded back from disk."""
     salaad_ckpt = resolve_checkpoint_dir(out / "salaad")
     if not has_surrogate(salaad_ckpt):
         comps = slr_components(salaad.opt_state)
         save_surrogate(salaad_ckpt, {p: block_surrogate(L, S) for p, (L, S) in comps.items()},
                        meta={"method": "salaad", **corpus_meta(corpus)})
+    if dense is None:
+        return load_surrogate(salaad_ckpt), None
     dense_ckpt = resolve_checkpoint_dir(out / "dense")
     if not has_surrogate(dense_ckpt):
         print("== post-hoc RPCA of the dense model ==", file=sys.stderr)
@@ -230,71 +253,40 @@ def export_surrogates(dense, salaad, cfg: SalaadConfig, corpus: TokenizedCorpus,
     return load_surrogate(salaad_ckpt), load_surrogate(dense_ckpt)
 
 
-def budget_rows(budgets: list[float], kappa: float, val_ppl, deployed: dict) -> list[dict]:
-    """One row per budget: HPA allocation (params, φ) and perplexity of every deployed
-    ``{label: (params, surrogate)}``."""
+def budget_rows(budgets: list[float], cfg: SalaadConfig, val_ppl, deployed: dict,
+                sensitivities: dict) -> list[dict]:
+    """One row per budget: for every surrogate ``{name: (params, surrogate)}`` and strategy,
+    the allocation's exact parameter count, kept fractions and the deployed perplexity (column
+    prefix ``<name>-<hpa|sensitivity>``)."""
     rows = []
     for budget in budgets:
-        row = {"budget": budget}
-        for label, (params, sur) in deployed.items():
-            alloc = allocate(sur, budget, kappa, params=params)
-            row[f"{label}_params"] = alloc.params
-            row[f"{label}_phi"] = (alloc.phi_low_rank, alloc.phi_sparse)
-            row[f"{label}_ppl"] = val_ppl(deploy(params, sur, alloc))
+        row: dict = {"budget": budget}
+        for name, (params, sur) in deployed.items():
+            for strategy in parse_strategies(cfg.strategies):
+                label = f"{name}-{STRATEGY_LABEL[strategy]}"
+                alloc = allocate(sur, budget, cfg.kappa, params=params, strategy=strategy,
+                                 sensitivity=sensitivities[name] if strategy == "sensitivity"
+                                 else None, relative_to=cfg.relative_to)
+                row["fraction_of_all"] = alloc.budget / alloc.dense_params
+                row[f"{label}_params"] = alloc.params
+                row[f"{label}_phi"] = (alloc.phi_low_rank, alloc.phi_sparse)
+                row[f"{label}_ppl"] = val_ppl(deploy(params, sur, alloc))
+                print(f"budget {budget:.2f} {label}: ppl {row[f'{label}_ppl']:.2f} "
+                      f"({alloc.params:,} params)", file=sys.stderr)
         rows.append(row)
-        print(f"budget {budget:.2f}: SALAAD {row['salaad_ppl']:.2f} "
-              f"({row['salaad_params']:,} params), RPCA {row['rpca_ppl']:.2f} "
-              f"({row['rpca_params']:,} params)", file=sys.stderr)
     return rows
 
-
-def summary_markdown(result: dict, cfg: SalaadConfig, corpus_name: str, command: str) -> str:
-    """The run's ``summary.md``: setup, surrogate statistics, timings and the budget table."""
-    rows, timings = result["budgets"], result["timings_s"]
-    s_rank, s_dens = result["salaad_surrogate"].values()
-    r_rank, r_dens = result["rpca_surrogate"].values()
-    table = markdown_table(
-        ["budget", "SALAAD params", "SALAAD ppl", "RPCA params", "RPCA ppl"],
-        [[f"{r['budget']:.0%}", f"{r['salaad_params']:,}", r["salaad_ppl"],
-          f"{r['rpca_params']:,}", r["rpca_ppl"]] for r in rows])
-    gap = result["salaad_final_train_loss"] - result["dense_final_train_loss"]
-    return (
-        f"# SALAAD vs dense + post-hoc RPCA ({cfg.model} on {corpus_name})\n\n"
-        f"Command: `{command.strip()}`\n\n"
-        f"{cfg.train.steps} steps, batch {cfg.train.batch_size} × {cfg.train.seq_len} tokens, "
-        f"seed {cfg.train.seed}, ρ = {cfg.rho:g} (embedding ×{cfg.embed_rho_ratio}), K = "
-        f"{cfg.interval}, targets Γ̂ = {cfg.controller.target_rank_ratio}, "
-        f"Υ̂ = {cfg.controller.target_density}, "
-        f"κ = {cfg.kappa}, SVD back-end `{cfg.svd}`.\n\n"
-        f"- dense model: {result['dense_params']:,} params, validation perplexity "
-        f"{result['dense_val_ppl']:.2f}\n"
-        f"- SALAAD dense weights X: validation perplexity "
-        f"{result['salaad_dense_weights_val_ppl']:.2f}\n"
-        f"- final train loss (mean of the last 10 % of steps): dense "
-        f"{result['dense_final_train_loss']:.4f}, SALAAD {result['salaad_final_train_loss']:.4f}"
-        f" (gap {gap:+.4f})\n"
-        f"- surrogates: SALAAD mean rank ratio {s_rank:.3f}, density {s_dens:.3f}; post-hoc "
-        f"RPCA mean rank ratio {r_rank:.3f}, density {r_dens:.3f}\n"
-        f"- training wall time (from logged throughput): dense {timings['dense_train_s']:.0f}s, "
-        f"SALAAD {timings['salaad_train_s']:.0f}s"
-        + (f"; post-hoc RPCA {timings['rpca_s']:.0f}s" if "rpca_s" in timings else "")
-        + "\n\n"
-        f"Validation perplexity after HPA deployment at each budget (fraction of the dense "
-        f"parameter count; counts per the convention of `admm_jax.salaad.hpa`):\n\n{table}\n"
-        f"![budget curve](budget.png)\n\n![per-block structure](blocks.png)\n")
-
-
-def write_results(summary: str, out: Path, results: str) -> None:
-    """``summary.md`` in the run, and a copy under ``results/`` with its plots next to it."""
-    (out / "summary.md").write_text(summary)
-    results_path = Path(results)
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    for plot in ("budget", "blocks"):  # results/ is committed; runs/ is not
-        shutil.copy(out / f"{plot}.png", results_path.with_name(f"{results_path.stem}_{plot}.png"))
-        summary = summary.replace(f"]({plot}.png)", f"]({results_path.stem}_{plot}.png)")
-    results_path.write_text(summary)
-    print(summary)
-    print(f"wrote {out}/summary.md and {results_path}", file=sys.stderr)
+def train_runs(cfg: SalaadConfig, model_config: LlamaConfig, corpus: TokenizedCorpus,
+               out: Path):
+    """``(dense result or None, SALAAD result)``: same seed, data and steps."""
+    dense = None
+    if cfg.baseline:
+        print("== dense AdamW ==", file=sys.stderr)
+        dense = train(model_config, corpus, out / "dense", cfg.train)
+    print("== SALAAD ==", file=sys.stderr)
+    salaad = train(model_config, corpus, out / "salaad", cfg.train,
+                   salaad_optimizer(cfg, model_config.n_layers), state_metrics=admm_metrics)
+    return dense, salaad
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -311,31 +303,42 @@ def main(argv: list[str] | None = None) -> dict:
             corpus.val, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
             max_batches=cfg.eval_batches or None))
 
-    # 1. the two runs, same seed, data and steps
-    print("== dense AdamW ==", file=sys.stderr)
-    dense = train(model_config, corpus, out / "dense", cfg.train)
-    print("== SALAAD ==", file=sys.stderr)
-    salaad = train(model_config, corpus, out / "salaad", cfg.train, salaad_optimizer(cfg),
-                   state_metrics=admm_metrics)
-    timings = {"dense_train_s": train_seconds(dense.history, cfg.train),
-               "salaad_train_s": train_seconds(salaad.history, cfg.train)}
-    # 2. surrogates, 3. deployment at every budget
+    # 1. the runs, 2. surrogates
+    dense, salaad = train_runs(cfg, model_config, corpus, out)
+    timings = {"salaad_train_s": train_seconds(salaad.history, cfg.train)}
     salaad_sur, rpca_sur = export_surrogates(dense, salaad, cfg, corpus, out, timings)
-    rows = budget_rows(parse_budgets(cfg.budgets), cfg.kappa, val_ppl,
-                       {"salaad": (salaad.params, salaad_sur), "rpca": (dense.params, rpca_sur)})
-    s_rank, s_dens = surrogate_stats(salaad_sur)
-    r_rank, r_dens = surrogate_stats(rpca_sur)
-    result = {
-        "dense_params": count_params(abstract), "dense_val_ppl": val_ppl(dense.params),
-        "salaad_dense_weights_val_ppl": val_ppl(salaad.params),
-        "dense_final_train_loss": final_train_loss(dense.history),
-        "salaad_final_train_loss": final_train_loss(salaad.history),
-        "salaad_surrogate": {"mean_rank_ratio": s_rank, "mean_density": s_dens},
-        "rpca_surrogate": {"mean_rank_ratio": r_rank, "mean_density": r_dens},
-        "budgets": rows, "timings_s": timings, "config": to_dict(cfg)}
+    deployed = {"salaad": (salaad.params, salaad_sur)}
+    result = {"dense_params": count_params(abstract),
+              "constrained_params": sum(b.shape[0] * b.shape[1] for b in salaad_sur.values()),
+              "salaad_dense_weights_val_ppl": val_ppl(salaad.params),
+              "salaad_final_train_loss": final_train_loss(salaad.history),
+              "targets": target_report(salaad.history, cfg.controller.target_rank_ratio,
+                                       cfg.controller.target_density),
+              "surrogates": {"SALAAD": surrogate_stats(salaad_sur)}}
+    if dense is not None:
+        timings["dense_train_s"] = train_seconds(dense.history, cfg.train)
+        deployed["rpca"] = (dense.params, rpca_sur)
+        result.update(dense_val_ppl=val_ppl(dense.params),
+                      dense_final_train_loss=final_train_loss(dense.history))
+        result["surrogates"]["post-hoc RPCA"] = surrogate_stats(rpca_sur)
+    # 3. deployment at every budget and strategy
+    windows = calibration_samples(corpus, cfg.fisher_windows, cfg.train.seq_len + 1,
+                                  seed=cfg.train.seed)
+    sensitivities = ({name: surrogate_sensitivity(graphdef, params, sur, windows)
+                      for name, (params, sur) in deployed.items()}
+                     if "sensitivity" in parse_strategies(cfg.strategies) else {})
+    rows = budget_rows(parse_budgets(cfg.budgets), cfg, val_ppl, deployed, sensitivities)
+    labels = [f"{name}-{STRATEGY_LABEL[s]}" for name in deployed
+              for s in parse_strategies(cfg.strategies)]
+    result.update(budgets=rows, labels=labels, timings_s=timings, config=to_dict(cfg))
     atomic_write_json(out / "results.json", result)
-    plot_blocks(salaad.history, out / "blocks.png")
-    plot_budget(rows, result["dense_val_ppl"], out / "budget.png")
+    plot_blocks(salaad.history, out / "blocks.png",
+                (cfg.controller.target_rank_ratio, cfg.controller.target_density))
+    plot_curves({"SALAAD": salaad.history} | ({"dense": dense.history} if dense else {}),
+                out / "curves.png")
+    reference = (("dense model", result["dense_val_ppl"]) if dense is not None else
+                 ("SALAAD dense weights X", result["salaad_dense_weights_val_ppl"]))
+    plot_budget(rows, labels, reference, out / "budget.png")
     command = "python -m experiments.salaad " + " ".join(argv if argv is not None
                                                          else sys.argv[1:])
     write_results(summary_markdown(result, cfg, corpus.name, command), out, cfg.results)

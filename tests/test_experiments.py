@@ -33,17 +33,30 @@ def test_salaad_experiment_end_to_end(tmp_path, monkeypatch):
         "--name", "toy", "--model", "nano", "--corpus", str(texts),
         "--runs_root", str(tmp_path / "runs"), "--results", str(tmp_path / "salaad.md"),
         "--budgets", "0.7,1.0", "--rho", "0.1", "--rpca_max_iter", "20",
+        "--fisher_windows", "4", "--ramp_center", "3", "--ramp_width", "1",
         "--train.steps", "6", "--train.batch_size", "4", "--train.seq_len", "32",
         "--train.log_every", "2", "--train.eval_every", "6", "--train.eval_batches", "2",
         "--train.checkpoint_every", "6", "--train.optimizer.warmup_steps", "1"])
     run = tmp_path / "runs" / "toy"
-    for name in ("results.json", "summary.md", "budget.png", "blocks.png", "config.json"):
+    for name in ("results.json", "summary.md", "budget.png", "blocks.png", "curves.png",
+                 "config.json"):
         assert (run / name).is_file(), name
     rows = result["budgets"]
     assert [r["budget"] for r in rows] == [0.7, 1.0]
-    assert all(np.isfinite(r["salaad_ppl"]) and np.isfinite(r["rpca_ppl"]) for r in rows)
-    budget_70 = int(0.7 * result["dense_params"])
-    assert abs(rows[0]["salaad_params"] - budget_70) <= 1  # HPA hits the budget
+    labels = ["salaad-hpa", "salaad-sensitivity", "rpca-hpa", "rpca-sensitivity"]
+    assert result["labels"] == labels
+    assert all(np.isfinite(r[f"{label}_ppl"]) for r in rows for label in labels)
+    # budgets are fractions of the constrained blocks (2 layers × 7 kernels + the embedding)
+    nano = LlamaConfig.preset("nano")
+    constrained = nano.vocab_size * nano.dim + 2 * (
+        nano.dim * nano.dim * 2 + 2 * nano.dim * nano.dim * nano.n_kv_heads // nano.n_heads
+        + 3 * nano.dim * nano.mlp_dim)
+    assert result["constrained_params"] == constrained
+    budget_70 = result["dense_params"] - constrained + int(0.7 * constrained)
+    assert rows[0]["fraction_of_all"] == pytest.approx(budget_70 / result["dense_params"])
+    for label in labels:  # both allocations spend the budget (to within one sparse entry)
+        assert budget_70 - 2 <= rows[0][f"{label}_params"] <= budget_70, label
+    assert result["targets"]["blocks"] == 15
     stored = json.loads((run / "results.json").read_text())
     assert stored["dense_params"] == result["dense_params"]
     assert "Command: `python -m experiments.salaad" in (tmp_path / "salaad.md").read_text()
