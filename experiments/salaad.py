@@ -168,18 +168,21 @@ def parse_strategies(strategies: str) -> list[Strategy]:
     return out
 
 
-def salaad_optimizer(cfg: SalaadConfig, n_layers: int) -> optax.GradientTransformation:
+def salaad_optimizer(cfg: SalaadConfig, n_layers: int,
+                     mask: str | None = None) -> optax.GradientTransformation:
     """``clip → slr_admm → adamw`` (``clip → adamw → slr_admm`` with decoupled coupling, where
     ``ρ`` is the fraction of ``X − Z + U`` removed per step); the embedding gets
     ``embed_rho_ratio · ρ`` (official ratio 3e-7 / 1e-6 ≈ 0.3); SALAAD's sigmoid ρ ramp unless
-    ``ramp_factor`` is 1."""
+    ``ramp_factor`` is 1. ``mask``: a path pattern of the constrained leaves (default: the
+    decoder-layer kernels and the token embedding)."""
 
     def rho(path: str, shape) -> float:
         return cfg.rho * (cfg.embed_rho_ratio if path.startswith("embed") else 1.0)
 
     ramp = (sigmoid_ramp(cfg.ramp_center, cfg.ramp_width, cfg.ramp_factor)
             if cfg.ramp_factor != 1 else None)
-    induce = slr_admm(rho, interval=cfg.interval, controller=cfg.controller, svd=cfg.svd,
+    induce = slr_admm(rho, interval=cfg.interval, mask=mask, controller=cfg.controller,
+                      svd=cfg.svd,
                       rank_cap_ratio=cfg.rank_cap_ratio, init_rank_ratio=cfg.init_rank_ratio,
                       rho_scaling=cfg.rho_scaling, n_layers=n_layers, rho_schedule=ramp,
                       coupling=cfg.coupling, halt_on_nonfinite=True)

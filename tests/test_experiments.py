@@ -12,7 +12,7 @@ from admm_jax.core import path_str
 from admm_jax.data import corpus_meta, prepare_corpus
 from admm_jax.models.llama import LlamaConfig, init_params
 from admm_jax.training.checkpoint import load_model, save_model
-from experiments import deploy, elsa_cache, evaluate, salaad
+from experiments import deploy, elsa_cache, evaluate, salaad, salaad_pretrained
 from experiments import elsa as elsa_experiment
 
 
@@ -146,3 +146,45 @@ def test_elsa_experiment_end_to_end(tmp_path, monkeypatch):
     assert again["command"] != by[("magnitude", "0.75")]["command"]
     table = (tmp_path / "elsa.md").read_text().split("## Every checkpoint")[1].split("Commands")[0]
     assert table.count("\n| ") - 1 == 3  # dense, dense+ft, magnitude: rows of the old format left
+
+
+def test_salaad_pretrained_experiment_end_to_end(tmp_path, monkeypatch):
+    """SALAAD continued from a (nano) checkpoint against post-hoc RPCA with and without the same
+    training and SparseGPT: every row at equal parameter counts, finite, cached."""
+    monkeypatch.setenv("ADMM_JAX_CACHE", str(tmp_path / "cache"))
+    texts = write_texts(tmp_path / "texts")
+    other = write_texts(tmp_path / "other", seed=1)
+    corpus = prepare_corpus(str(texts), vocab_size=300)
+    config = LlamaConfig.preset("nano", vocab_size=300)
+    _, params = init_params(config, jax.random.key(0))
+    save_model(tmp_path / "base", params, model_config=config, tokenizer=corpus.tokenizer)
+    argv = ["--checkpoint", str(tmp_path / "base"), "--corpus", str(texts),
+            "--transfer_corpus", str(other), "--runs_root", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "out.md"), "--budgets", "0.4,0.8",
+            "--rpca_max_iter", "10", "--fisher_windows", "2", "--n_calibration", "4",
+            "--calibration_len", "32", "--eval_seq_len", "32", "--eval_batches", "2",
+            "--train.steps", "4", "--train.seq_len", "32", "--train.log_every", "2",
+            "--train.eval_every", "4", "--train.checkpoint_every", "4", "--ramp_center", "2",
+            "--ramp_width", "1"]
+    result = salaad_pretrained.main(argv)
+    labels = ["salaad-hpa", "salaad-sensitivity", "rpca-hpa", "rpca-sensitivity",
+              "rpca+ft-hpa", "rpca+ft-sensitivity", "sparsegpt"]
+    assert result["labels"] == labels
+    constrained = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 172)  # q, o + k, v + mlp
+    assert result["constrained"] == constrained
+    for budget in (0.4, 0.8):
+        target = result["dense"] - constrained + int(budget * constrained)
+        for label in labels:
+            row = result["rows"][f"{label}@{budget}"]
+            assert np.isfinite(row["ppl"]) and np.isfinite(row["transfer_ppl"])
+            # equal parameter counts: the allocations to within one sparse entry, SparseGPT to
+            # its per-block rounding of the kept count (≤ ½ entry = 1 parameter per block)
+            slack = 2 if label != "sparsegpt" else 14
+            assert abs(row["params"] - target) <= slack, (label, budget)
+    summary = (tmp_path / "out.md").read_text()
+    assert "Command: `python -m experiments.salaad_pretrained" in summary
+    assert summary.count("| 40% |") == 2  # one table per domain
+    evals = json.loads((tmp_path / "runs" / "salaad-smollm2" / "evals.json").read_text())
+    assert set(evals["rows"]) >= {"dense", "dense+ft", "salaad-X", "sparsegpt@0.4"}
+    again = salaad_pretrained.main(argv)  # everything cached: same rows
+    assert again["rows"] == result["rows"]
