@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -53,6 +54,7 @@ from admm_jax.salaad.surrogate import (
     block_surrogate,
     has_surrogate,
     load_surrogate,
+    reconstruct,
     save_surrogate,
 )
 from admm_jax.training import OptimizerConfig, TrainConfig, adamw, train
@@ -101,17 +103,18 @@ class SalaadConfig:
     """Add ρ(X − Z + U) to the gradient before AdamW, or pull X toward Z after AdamW."""
     rho_scaling: Literal["none", "shape"] = "none"
     """'shape': SALAAD's law ρ_b = RHO / (n_layers·√(m·n)) per block."""
-    ramp_factor: float = 10.0
-    """Final ρ multiplier of SALAAD's sigmoid ramp (1 = constant ρ)."""
+    ramp_factor: float = 5.0
+    """Final ρ multiplier of SALAAD's sigmoid ramp (1 = constant ρ; official 10 with gradient
+    coupling; ×5 keeps the decoupled pull ρ ≤ 0.5 of X − Z + U per step)."""
     ramp_center: float = 400.0
     """Step at the ramp's midpoint (official: 2,000)."""
     ramp_width: float = 20.0
     """Steps per unit of the ramp's logistic argument (official: 100)."""
     init_rank_ratio: float | None = None
     """Rank of L₀ as a fraction of min(m, n); None = the target rank ratio (official)."""
-    controller: ControllerConfig = dataclasses.field(default_factory=lambda: ControllerConfig(
-        target_rank_ratio=0.15, target_density=0.05, alpha_step=0.003, beta_step=0.0003))
-    """Targets and integral gains of the per-block α/β controller."""
+    controller: ControllerConfig = dataclasses.field(default_factory=ControllerConfig)
+    """Targets and gains of the per-block α/β controller (official: Γ̂ = 0.15, Υ̂ = 0.05,
+    Δα = 0.2, Δβ = 0.002 — steps of the thresholds α/ρ, β/ρ per unit of rate error)."""
     baseline: bool = True
     """Also train the dense model and deploy its post-hoc RPCA surrogate."""
     budgets: str = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"
@@ -211,10 +214,16 @@ def surrogate_stats(surrogate: Surrogate) -> dict[str, float]:
 def surrogate_sensitivity(graphdef, params, surrogate: Surrogate, windows: np.ndarray
                           ) -> Sensitivity:
     """Unit sensitivities of ``surrogate`` from the diagonal Fisher of its full reconstruction
-    (every triplet and entry kept) over ``windows`` (one window per batch)."""
-    full = allocate(surrogate, 1.0, params=params, relative_to="constrained")
+    (every triplet and entry kept, whatever that costs) over ``windows`` (one window per
+    batch)."""
+
+    def full(path, x):
+        block = surrogate.get(path_str(path))
+        return x if block is None else jnp.asarray(reconstruct(block), x.dtype)
+
     fisher = fisher_diagonal(lambda p, b: next_token_loss(graphdef, p, b),
-                             deploy(params, surrogate, full), (w[None] for w in windows))
+                             jax.tree_util.tree_map_with_path(full, params),
+                             (w[None] for w in windows))
     return unit_sensitivity(surrogate, fisher)
 
 
