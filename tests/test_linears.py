@@ -1,0 +1,252 @@
+"""Compact linear layers: the factory-built model equals its dense-materialised twin (logits,
+sown inputs), gradients are the dense gradient projected onto the structure, only Params are
+trainable, byte counts, exact pure-dict round trips and conversions, and bad layouts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from admm_jax.models.linears import (
+    DenseLayout,
+    LowRankLayout,
+    LowRankLinear,
+    NMLayout,
+    NMLinear,
+    SparseIndices,
+    SparseLayout,
+    SparseLinear,
+    SumLayout,
+    SumLinear,
+    insert_linears,
+    layout_of,
+    low_rank_from_factors,
+    materialize,
+    nm_from_dense,
+    param_bytes,
+    sparse_from_dense,
+    structured_factory,
+)
+from admm_jax.models.llama import LlamaConfig, abstract_params, forward, init_params, sown_inputs
+from admm_jax.ops.projection import nm_mask
+
+NANO = LlamaConfig.preset("nano")
+TOKENS = jax.random.randint(jax.random.key(7), (2, 9), 0, NANO.vocab_size)
+LAYOUTS = {
+    "low_rank": {"layers/0/attn/q_proj": LowRankLayout(4)},
+    "sparse": {"layers/0/mlp/down_proj": SparseLayout(900), "lm_head": SparseLayout(
+        5, rows=np.array([0, 3, 3, 63, 10]), cols=np.array([511, 0, 1, 7, 7]))},
+    "nm": {"layers/1/mlp/up_proj": NMLayout(2, 4), "layers/1/mlp/down_proj": NMLayout(1, 4)},
+    "sum": {"layers/1/attn/o_proj": SumLayout((LowRankLayout(2), SparseLayout(60))),
+            "layers/0/attn/v_proj": DenseLayout()},
+}
+
+
+def _get(tree, path):
+    """The node at ``path`` of a model (attributes) or of a pure dict (keys)."""
+    for key in path.split("/"):
+        k = int(key) if key.isdigit() else key
+        tree = tree[k] if isinstance(tree, dict) or isinstance(k, int) else getattr(tree, k)
+    return tree
+
+
+def _replace(params, subtrees):
+    """A copy of the pure dict ``params`` with the subtree at each path replaced."""
+    out = jax.tree_util.tree_map(lambda x: x, params)
+    for path, sub in subtrees.items():
+        node, keys = out, [int(k) if k.isdigit() else k for k in path.split("/")]
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = sub
+    return out
+
+
+def _build(layouts, seed=0):
+    return init_params(NANO, jax.random.key(seed), linear=structured_factory(layouts, NANO))
+
+
+def _dense_twin(graphdef, params, layouts):
+    """The dense model with each structured linear replaced by its materialised kernel."""
+    model = nnx.merge(graphdef, params)
+    kernels = {p: {"kernel": materialize(_get(model, p))} for p in layouts}
+    return init_params(NANO, jax.random.key(0))[0], _replace(params, kernels)
+
+
+def _logit_loss(logits):
+    return jnp.sum(logits * jnp.cos(jnp.arange(logits.size).reshape(logits.shape)))
+
+
+def _projected(module, g):
+    """The Param gradients of ``module`` from the dense gradient ``g = ∂L/∂W`` (chain rule)."""
+    if isinstance(module, LowRankLinear):
+        return {"u": g @ module.v[...].T, "v": module.u[...].T @ g}
+    if isinstance(module, SparseLinear):
+        m = module.matrix
+        return {"values": g[m.rows.astype(int), m.cols.astype(int)]}
+    if isinstance(module, NMLinear):
+        idx = module.indices[...].astype(int).reshape(-1, module.n, module.out_features)
+        rows = idx + module.m * jnp.arange(idx.shape[0])[:, None, None]
+        cols = jnp.arange(module.out_features)[None, None, :]
+        return {"values": g[rows, cols].reshape(module.values.shape)}
+    if isinstance(module, SumLinear):
+        return {"parts": {i: _projected(p, g) for i, p in enumerate(module.parts)}}
+    return {"kernel": g}
+
+
+def _close(a, b, atol):
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=atol),
+                           a, b)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYOUTS))
+def test_logits_and_sown_inputs_equal_dense_twin(kind):
+    graphdef, params = _build(LAYOUTS[kind])
+    dense_graphdef, dense = _dense_twin(graphdef, params, LAYOUTS[kind])
+    logits = forward(graphdef, params, TOKENS)
+    np.testing.assert_allclose(logits, forward(dense_graphdef, dense, TOKENS), atol=1e-5)
+    assert float(jnp.std(logits)) > 0
+    _, sown = sown_inputs(nnx.merge(graphdef, params), TOKENS)
+    _, sown_dense = sown_inputs(nnx.merge(dense_graphdef, dense), TOKENS)
+    assert sown.keys() == sown_dense.keys() and "layers/1/mlp/up_proj/inputs" in sown
+    _close(sown, sown_dense, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYOUTS))
+def test_gradients_are_the_projected_dense_gradient(kind):
+    graphdef, params = _build(LAYOUTS[kind])
+    dense_graphdef, dense = _dense_twin(graphdef, params, LAYOUTS[kind])
+    model = nnx.merge(graphdef, params)
+    gd, trainable, rest = nnx.split(model, nnx.Param, ...)
+    grads = nnx.to_pure_dict(jax.grad(
+        lambda p: _logit_loss(nnx.merge(gd, p, rest)(TOKENS)))(trainable))
+    dense_grads = jax.grad(lambda p: _logit_loss(forward(dense_graphdef, p, TOKENS)))(dense)
+    expected = _replace(dense_grads, {
+        p: _projected(_get(model, p), _get(dense_grads, p)["kernel"]) for p in LAYOUTS[kind]})
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(expected)
+    _close(grads, expected, atol=1e-5)
+
+
+ALL = {k: v for layouts in LAYOUTS.values() for k, v in layouts.items()}
+
+
+def test_only_params_are_selected_and_pure_dict_round_trip_is_exact():
+    from admm_jax.training.step import trainable_mask
+
+    graphdef, params = _build(ALL)
+    model = nnx.merge(graphdef, params)
+    is_int = jax.tree_util.tree_map(lambda x: jnp.issubdtype(x.dtype, jnp.integer), params)
+    assert jax.tree_util.tree_leaves(trainable_mask(graphdef, params, nnx.Param)) == \
+        [not b for b in jax.tree_util.tree_leaves(is_int)]
+    indices = nnx.to_pure_dict(nnx.state(model, SparseIndices))
+    # rows + cols of 4 sparse matrices (two plain, one in the sum, lm_head) + 2 N:M index arrays
+    assert len(jax.tree_util.tree_leaves(indices)) == 2 * 3 + 2 == sum(
+        jax.tree_util.tree_leaves(is_int))
+    _, state = nnx.split(nnx.merge(*nnx.split(model)))
+    again = nnx.to_pure_dict(state)
+    assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(params)
+    for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(params)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert params["lm_head"]["rows"].dtype == jnp.int16
+    assert params["layers"][1]["mlp"]["up_proj"]["indices"].dtype == jnp.uint8
+    template = abstract_params(NANO, linear=structured_factory(ALL, NANO))[1]
+    assert jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), template) == \
+        jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), params)
+    merged = forward(graphdef, again, TOKENS)
+    np.testing.assert_array_equal(merged, forward(graphdef, params, TOKENS))
+
+
+def test_param_bytes_count_what_is_kept():
+    graphdef, params = _build(ALL)
+    model = nnx.merge(graphdef, params)
+    q, down = _get(model, "layers/0/attn/q_proj"), _get(model, "layers/0/mlp/down_proj")
+    up, o = _get(model, "layers/1/mlp/up_proj"), _get(model, "layers/1/attn/o_proj")
+    assert param_bytes(q) == 4 * 4 * (64 + 64)
+    assert param_bytes(down) == 900 * (4 + 2 + 2)
+    assert param_bytes(up) == 32 * 172 * (4 + 1)
+    assert param_bytes(o) == 4 * 2 * 128 + 60 * 8
+    for module in (q, down, up, o):
+        nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(nnx.state(module)))
+        assert param_bytes(module) == nbytes < 4 * module.in_features * module.out_features
+    assert param_bytes(_get(model, "layers/0/attn/v_proj")) == 4 * 64 * 32
+    abstract = nnx.eval_shape(lambda: nnx.merge(graphdef, params))
+    assert param_bytes(abstract) == param_bytes(model)
+
+
+def test_conversions_keep_the_source_exactly():
+    key = jax.random.split(jax.random.key(3), 3)
+    u, s, vt = jnp.linalg.svd(jax.random.normal(key[0], (64, 32)), full_matrices=False)
+    lr = low_rank_from_factors(u[:, :5], s[:5], vt[:5].T)
+    np.testing.assert_allclose(materialize(lr), (u[:, :5] * s[:5]) @ vt[:5], atol=1e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(lr.u[...]), jnp.linalg.norm(lr.v[...]), rtol=1e-5)
+    w = jax.random.normal(key[1], (64, 32))
+    pruned = w * (jnp.abs(w) > 1.5)
+    sp = sparse_from_dense(pruned)
+    np.testing.assert_array_equal(materialize(sp), pruned)
+    assert sp.values.shape == (int(jnp.sum(pruned != 0)),) and sp.rows.dtype == jnp.int16
+    w24 = jnp.where(nm_mask(jnp.abs(w), 2, 4), w, 0).at[:4, 0].set(0).at[4, 1].set(0)
+    nm = nm_from_dense(w24, 2, 4)
+    np.testing.assert_array_equal(materialize(nm), w24)
+    x = jax.random.normal(key[2], (3, 64))
+    for module, dense in ((lr, materialize(lr)), (sp, pruned), (nm, w24)):
+        np.testing.assert_allclose(module(x), x @ dense, atol=1e-5)
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        nm_from_dense(w, 2, 4)
+
+
+def test_converted_modules_go_into_a_compact_model():
+    """A compact model from a pruned dense one: layouts from the modules, params inserted."""
+    dense_graphdef, dense = init_params(NANO, jax.random.key(1))
+    w_up = dense["layers"][0]["mlp"]["up_proj"]["kernel"]
+    w_q = dense["layers"][1]["attn"]["q_proj"]["kernel"]
+    w_down = dense["layers"][0]["mlp"]["down_proj"]["kernel"]
+    u, s, vt = jnp.linalg.svd(w_q, full_matrices=False)
+    mods = {"layers/0/mlp/up_proj": sparse_from_dense(w_up * (jnp.abs(w_up) > 0.03)),
+            "layers/0/mlp/down_proj": nm_from_dense(
+                jnp.where(nm_mask(jnp.abs(w_down), 2, 4), w_down, 0), 2, 4),
+            "layers/1/attn/q_proj": SumLinear([low_rank_from_factors(u[:, :3], s[:3], vt[:3].T),
+                                               sparse_from_dense(w_q * (jnp.abs(w_q) > 0.05))])}
+    layouts = {p: layout_of(m) for p, m in mods.items()}
+    graphdef, params = _build(layouts, seed=5)
+    params = insert_linears(_replace(dense, {p: _get(params, p) for p in layouts}), mods)
+    model = nnx.merge(graphdef, params)
+    twin = _replace(dense, {p: {"kernel": materialize(m)} for p, m in mods.items()})
+    for path, module in mods.items():
+        np.testing.assert_array_equal(materialize(_get(model, path)), materialize(module))
+    np.testing.assert_allclose(forward(graphdef, params, TOKENS),
+                               forward(dense_graphdef, twin, TOKENS), atol=1e-5)
+    with pytest.raises(ValueError, match="do not have the layout"):
+        insert_linears(params, {"layers/0/attn/k_proj": mods["layers/0/mlp/up_proj"]})
+
+
+@pytest.mark.parametrize("layouts, match", [
+    ({"layers/0/attn/k_proj": LowRankLayout(33)}, r"layers/0/attn/k_proj: rank 33 exceeds"),
+    ({"layers/0/attn/q_proj": NMLayout(4, 4)}, r"q_proj: N:M sparsity needs N < M, got 4:4"),
+    ({"layers/0/mlp/down_proj": NMLayout(2, 8)}, r"M = 8 must divide the input dimension 172"),
+    ({"lm_head": SparseLayout(2, rows=np.array([0, 64]), cols=np.array([1, 2]))},
+     r"lm_head: rows\[1\] = 64 is out of range"),
+    ({"lm_head": SparseLayout(2, rows=np.array([0, 0]), cols=np.array([1, 1]))},
+     r"duplicated entry"),
+    ({"lm_head": SparseLayout(3, rows=np.array([0, 1]), cols=np.array([1, 2]))},
+     r"must have shape \(3,\)"),
+    ({"layers/0/attn/q_proj": SparseLayout(64 * 64 + 1)}, r"nnz must be an integer in \[0, 4096\]"),
+    ({"layers/0/attn/q_proj": SumLayout(())}, r"non-empty tuple of parts"),
+    ({"layers/2/attn/q_proj": LowRankLayout(2)}, r"unknown linears \['layers/2/attn/q_proj'\]"),
+])
+def test_bad_layouts_raise_at_the_factory(layouts, match):
+    with pytest.raises(ValueError, match=match):
+        structured_factory(layouts, NANO)
+
+
+def test_bad_modules_raise():
+    with pytest.raises(TypeError, match="layout must be one of"):
+        structured_factory({"lm_head": (4,)}, NANO)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        NMLinear(jnp.zeros((2, 3)), jnp.array([[1, 3, 2], [0, 3, 3]]), 2, 4)
+    with pytest.raises(ValueError, match=r"in-group indices must lie in \[0, 4\)"):
+        NMLinear(jnp.zeros((2, 1)), jnp.array([[1], [4]]), 2, 4)
+    with pytest.raises(ValueError, match="share one"):
+        SumLinear([LowRankLinear(jnp.zeros((4, 1)), jnp.zeros((1, 3))),
+                   LowRankLinear(jnp.zeros((4, 1)), jnp.zeros((1, 4)))])
+    with pytest.raises(ValueError, match="non-negative"):
+        low_rank_from_factors(jnp.ones((4, 1)), jnp.array([-1.0]), jnp.ones((3, 1)))
