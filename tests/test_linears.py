@@ -8,25 +8,27 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from admm_jax.models.linears import (
+from admm_jax.models.layouts import (
     DenseLayout,
     LowRankLayout,
-    LowRankLinear,
     NMLayout,
-    NMLinear,
-    SparseIndices,
     SparseLayout,
-    SparseLinear,
     SumLayout,
-    SumLinear,
     insert_linears,
     layout_of,
+    structured_factory,
+)
+from admm_jax.models.linears import (
+    LowRankLinear,
+    NMLinear,
+    SparseIndices,
+    SparseLinear,
+    SumLinear,
     low_rank_from_factors,
     materialize,
     nm_from_dense,
     param_bytes,
     sparse_from_dense,
-    structured_factory,
 )
 from admm_jax.models.llama import LlamaConfig, abstract_params, forward, init_params, sown_inputs
 from admm_jax.ops.projection import nm_mask
