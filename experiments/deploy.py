@@ -15,7 +15,13 @@ goes to stderr.
 
 ``--out DIR`` keeps the deployed model as a checkpoint (``python -m experiments.evaluate
 --checkpoint DIR`` evaluates it) whose meta records the corpus split and an ``hpa`` entry (budget,
-kappa, counts, ratios, kept ranks and sparse counts); without it nothing is written.
+kappa, counts, ratios, kept ranks and sparse counts, resident bytes); without it nothing is
+written. By default (``--compact true``) that checkpoint is compact
+(:func:`admm_jax.models.compact.compact_from_surrogate`): every deployed linear is stored and run
+as its kept low-rank factors plus its kept sparse entries (values + int16/int32 indices), so bytes
+on disk and in memory follow the budget; the model evaluated is then that compact model (the same
+function as the dense ``L + S`` to float rounding). ``--compact false`` writes the dense
+reconstruction instead.
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 
 from admm_jax._checks import check_real
+from admm_jax.models.compact import compact_from_surrogate, resident_bytes
+from admm_jax.models.layouts import Layout
 from admm_jax.salaad.hpa import Allocation, allocate, deploy
 from admm_jax.salaad.surrogate import load_surrogate
 from admm_jax.training.checkpoint import LoadedModel, resolve_checkpoint_dir, save_model
@@ -55,14 +63,27 @@ class DeployConfig(EvaluateConfig):
     """Spend the budget to within one parameter (else nested kept sets across budgets)."""
     out: str = ""
     """Keep the deployed model as a checkpoint here (default: write nothing)."""
+    compact: bool = True
+    """With --out: write and evaluate the compact model (low-rank factors + sparse values and
+    indices per block); false: the dense reconstruction L + S. Without --out: dense."""
 
     def __post_init__(self):
         super().__post_init__()
         check_real("kappa", self.kappa, low=0.0, high=1.0)
 
 
-def deploy_checkpoint(cfg: DeployConfig) -> tuple[LoadedModel, Allocation, dict]:
-    """``(loaded dense model, allocation, deployed params)`` for ``cfg``."""
+class Deployment(NamedTuple):
+    """The loaded source, its allocation, and the deployed params with their layouts (empty:
+    dense params)."""
+
+    loaded: LoadedModel
+    allocation: Allocation
+    params: dict
+    layouts: dict[str, Layout]
+
+
+def deploy_checkpoint(cfg: DeployConfig) -> Deployment:
+    """The deployment of ``cfg``: compact when ``cfg.out`` and ``cfg.compact``, else dense."""
     if not cfg.checkpoint or cfg.model:
         raise ValueError("deploy needs --checkpoint DIR (a checkpoint with a surrogate/), "
                          "not --model")
@@ -71,15 +92,23 @@ def deploy_checkpoint(cfg: DeployConfig) -> tuple[LoadedModel, Allocation, dict]
     t0 = time.perf_counter()
     allocation = allocate(surrogate, cfg.budget, cfg.kappa, params=loaded.params,
                           exact=cfg.exact, relative_to=cfg.relative_to)
-    params = jax.block_until_ready(deploy(loaded.params, surrogate, allocation))
+    if cfg.out and cfg.compact:
+        layouts, params = compact_from_surrogate(loaded.config, loaded.params, surrogate,
+                                                 allocation)
+    else:
+        params, layouts = deploy(loaded.params, surrogate, allocation), {}
+    params = jax.block_until_ready(params)
     print(f"deployed {allocation.params:,} / {allocation.dense_params:,} params (target "
           f"{allocation.budget:,}; phi_low_rank {allocation.phi_low_rank:.4f}, phi_sparse "
-          f"{allocation.phi_sparse:.4f}) in {time.perf_counter() - t0:.3f}s", file=sys.stderr)
-    return loaded, allocation, params
+          f"{allocation.phi_sparse:.4f}) {'compact' if layouts else 'dense'}, "
+          f"{resident_bytes(params):,} resident bytes, in {time.perf_counter() - t0:.3f}s",
+          file=sys.stderr)
+    return Deployment(loaded, allocation, params, layouts)
 
 
-def hpa_meta(cfg: DeployConfig, loaded: LoadedModel, allocation: Allocation) -> dict:
+def hpa_meta(cfg: DeployConfig, deployed: Deployment) -> dict:
     """Checkpoint meta of a deployed model: the source's corpus split plus an ``hpa`` record."""
+    loaded, allocation = deployed.loaded, deployed.allocation
     meta = {k: loaded.meta[k] for k in _CORPUS_KEYS if k in loaded.meta}
     meta["hpa"] = {
         "source": str(resolve_checkpoint_dir(cfg.checkpoint)), "source_step": loaded.step,
@@ -88,19 +117,23 @@ def hpa_meta(cfg: DeployConfig, loaded: LoadedModel, allocation: Allocation) -> 
         "params": allocation.params, "budget_params": allocation.budget,
         "dense_params": allocation.dense_params, "phi_low_rank": allocation.phi_low_rank,
         "phi_sparse": allocation.phi_sparse, "ranks": allocation.ranks,
-        "n_sparse": allocation.n_sparse}
+        "n_sparse": allocation.n_sparse, "compact": bool(deployed.layouts),
+        "resident_bytes": resident_bytes(deployed.params)}
     return meta
 
 
 def main(argv: list[str] | None = None) -> float:
     cfg = parse_config(DeployConfig, argv)
-    loaded, allocation, params = deploy_checkpoint(cfg)
-    print(f"params: {allocation.params}")
-    meta = hpa_meta(cfg, loaded, allocation)
+    deployed = deploy_checkpoint(cfg)
+    loaded = deployed.loaded
+    print(f"params: {deployed.allocation.params}")
+    meta = hpa_meta(cfg, deployed)
     if cfg.out:
-        save_model(cfg.out, params, model_config=loaded.config, tokenizer=loaded.tokenizer,
-                   step=loaded.step, meta=meta)
-    ppl = evaluate_params(cfg, loaded.config, params, loaded.tokenizer, meta)
+        save_model(cfg.out, deployed.params, model_config=loaded.config,
+                   tokenizer=loaded.tokenizer, step=loaded.step, meta=meta,
+                   layouts=deployed.layouts)
+    ppl = evaluate_params(cfg, loaded.config, deployed.params, loaded.tokenizer, meta,
+                          layouts=deployed.layouts)
     print(f"perplexity: {ppl:.4f}")
     return ppl
 

@@ -3,6 +3,10 @@
     python -m experiments.evaluate --checkpoint runs/pretrain-tiny
     python -m experiments.evaluate --model smollm2 --text held_out.txt
     python -m experiments.evaluate --model smollm2 --corpus kjv --max_batches 8
+    python -m experiments.evaluate --checkpoint runs/elsa/elsa-0.9/compact
+
+A compact checkpoint (``experiments.compact``, ``experiments.deploy --out``) is scored as stored,
+with its compact linears (sparse / low-rank / N:M kernels).
 
 The last line printed is ``perplexity: <float>``. Text is split into non-overlapping windows of
 ``seq_len`` tokens (each window is scored independently, every token predicted once).
@@ -13,13 +17,16 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
 
 from admm_jax._checks import check_int
 from admm_jax.data import encode_text, eval_batches, prepare_corpus
+from admm_jax.models.layouts import Layout
 from admm_jax.models.llama import LlamaConfig, abstract_params
+from admm_jax.training.checkpoint import linear_factory
 from admm_jax.training.lm import make_nll_sum, perplexity
 from experiments.cli import parse_config
 from experiments.loading import load_model_source
@@ -56,14 +63,16 @@ def evaluate(cfg: EvaluateConfig) -> float:
     """Load the model named by ``cfg`` and return its perplexity (:func:`evaluate_params`)."""
     if bool(cfg.checkpoint) == bool(cfg.model):
         raise ValueError("give exactly one of --checkpoint DIR or --model NAME")
-    loaded = load_model_source(cfg.checkpoint, cfg.model, cache_dir=cfg.cache_dir)
-    return evaluate_params(cfg, loaded.config, loaded.params, loaded.tokenizer, loaded.meta)
+    loaded = load_model_source(cfg.checkpoint, cfg.model, cache_dir=cfg.cache_dir, compact=True)
+    return evaluate_params(cfg, loaded.config, loaded.params, loaded.tokenizer, loaded.meta,
+                           layouts=loaded.layouts)
 
 
 def evaluate_params(cfg: EvaluateConfig, config: LlamaConfig, params, tokenizer,
-                    meta: dict) -> float:
+                    meta: dict, *, layouts: Mapping[str, Layout] | None = None) -> float:
     """Perplexity of ``params`` on ``cfg.text``, or on ``cfg.corpus`` / the corpus in ``meta``
-    (its validation split, rebuilt with the split recorded in ``meta``)."""
+    (its validation split, rebuilt with the split recorded in ``meta``); ``layouts`` name the
+    compact linears of ``params`` (none: a dense model)."""
     seq_len = min(cfg.seq_len, config.max_seq_len)
     if cfg.text:
         path = Path(cfg.text)
@@ -80,7 +89,7 @@ def evaluate_params(cfg: EvaluateConfig, config: LlamaConfig, params, tokenizer,
         tokens, source = corpus.val, f"{corpus.name} (validation split)"
     if len(tokens) < 2:
         raise ValueError(f"{source} has fewer than 2 tokens; nothing to evaluate")
-    graphdef, _ = abstract_params(config)
+    graphdef, _ = abstract_params(config, linear=linear_factory(config, layouts))
     t0 = time.perf_counter()
     batches = eval_batches(tokens, batch_size=cfg.batch_size, seq_len=min(seq_len, len(tokens) - 1),
                            max_batches=cfg.max_batches or None)

@@ -17,6 +17,13 @@ Building a compact model from a dense, SALAAD or pruned source::
     graphdef, params = init_params(config, key, linear=factory)
     params = insert_linears(params, mods)        # other leaves: copy them from the dense source
 
+On disk (a compact checkpoint's ``model.json``) layouts are JSON, :func:`layouts_to_json`::
+
+    {"layers/0/attn/q_proj": {"type": "low_rank", "rank": 8},
+     "layers/0/mlp/up_proj": {"type": "sparse", "nnz": 1234},      # rows/cols are params leaves
+     "layers/1/attn/o_proj": {"type": "sum", "parts": [{"type": "low_rank", "rank": 4},
+                                                       {"type": "sparse", "nnz": 99}]}}
+
 and back: ``materialize(module)`` is the dense ``[in, out]`` kernel of any of them, and
 :func:`~admm_jax.models.linears.param_bytes` the bytes the module keeps resident.
 """
@@ -50,7 +57,8 @@ from kernels import sparse_matrix
 
 __all__ = [
     "DenseLayout", "Layout", "LowRankLayout", "NMLayout", "SparseLayout", "SumLayout",
-    "build_linear", "insert_linears", "layout_of", "linear_specs", "structured_factory",
+    "build_linear", "insert_linears", "layout_of", "layouts_from_json", "layouts_to_json",
+    "linear_specs", "structured_factory",
 ]
 
 Array = jax.Array
@@ -247,3 +255,52 @@ def insert_linears(params: dict, modules: Mapping[str, nnx.Module]) -> dict:
 def _signature(tree: Any) -> tuple:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     return treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves)
+
+
+_JSON_NAMES = {DenseLayout: "dense", LowRankLayout: "low_rank", SparseLayout: "sparse",
+               NMLayout: "nm", SumLayout: "sum"}
+_JSON_FIELDS = {DenseLayout: (), LowRankLayout: ("rank",), SparseLayout: ("nnz",),
+                NMLayout: ("n", "m"), SumLayout: ("parts",)}
+
+
+def _layout_to_json(layout: Layout) -> dict:
+    if type(layout) not in _JSON_NAMES:
+        raise TypeError(f"not a layout: {layout!r}")
+    out = {"type": _JSON_NAMES[type(layout)]}
+    for name in _JSON_FIELDS[type(layout)]:
+        value = getattr(layout, name)
+        out[name] = [_layout_to_json(p) for p in value] if name == "parts" else int(value)
+    return out
+
+
+def _layout_from_json(obj: Any, where: str) -> Layout:
+    by_name = {v: k for k, v in _JSON_NAMES.items()}
+    kind = by_name.get(obj.get("type")) if isinstance(obj, dict) else None
+    if kind is None:
+        raise ValueError(f"{where}: a layout must be an object with \"type\" one of "
+                         f"{sorted(by_name)}, got {obj!r}")
+    missing = [f for f in _JSON_FIELDS[kind] if f not in obj]
+    extra = sorted(set(obj) - {"type", *_JSON_FIELDS[kind]})
+    if missing or extra:
+        raise ValueError(f"{where}: a {obj['type']!r} layout has the fields "
+                         f"{list(_JSON_FIELDS[kind])}; missing {missing}, unexpected {extra}")
+    if kind is SumLayout:
+        if not isinstance(obj["parts"], list) or not obj["parts"]:
+            raise ValueError(f"{where}: a 'sum' layout needs a non-empty list of parts")
+        return SumLayout(tuple(_layout_from_json(p, f"{where}/parts/{i}")
+                               for i, p in enumerate(obj["parts"])))
+    return kind(*(check_int(f"{where}: {f}", obj[f], minimum=0) for f in _JSON_FIELDS[kind]))
+
+
+def layouts_to_json(layouts: Mapping[str, Layout]) -> dict[str, dict]:
+    """``{path: {"type": ..., fields}}``: the shape-only JSON form of ``layouts`` (a
+    ``SparseLayout`` keeps ``nnz`` only: its indices are leaves of the params)."""
+    return {str(path): _layout_to_json(layout) for path, layout in layouts.items()}
+
+
+def layouts_from_json(obj: Any) -> dict[str, Layout]:
+    """The layouts :func:`layouts_to_json` wrote; ``ValueError`` naming the path of a malformed
+    entry. Fit to a model is checked later, by :func:`structured_factory`."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"layouts must be a JSON object {{path: layout}}, got {obj!r}")
+    return {path: _layout_from_json(layout, path) for path, layout in obj.items()}

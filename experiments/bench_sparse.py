@@ -1,0 +1,232 @@
+"""Sparse kernels and compact models against dense, side by side in one process; JSON report.
+
+    python -m experiments.bench_sparse                       # (a) + (b) + (c) on built toy models
+    python -m experiments.bench_sparse --models dense=runs/x/model,elsa90=runs/x-c --tokens 1,512
+    python -m experiments.bench_sparse --quick               # a smoke run in seconds
+
+(a) SpMM forward ``x @ W`` (:func:`kernels.sparse_matmul`, ``impl="auto"``) against the dense
+matmul of the same ``W`` on the SmolLM2-135M layer shapes (576×576 q/o, 576×192 k/v, 576×1536
+gate/up, 1536×576 down) at densities 1–50 %, at 1 token (decode) and 512 tokens.
+(b) The SDDMM value gradient ``∂L/∂v_i = ⟨x[:, r_i], dy[:, c_i]⟩`` against the dense gradient
+``xᵀ dy`` followed by a gather, at densities 0.1–5 % on 576×1536 at 512 tokens: time, the
+compiled programs' temporary and peak bytes (XLA's ``memory_analysis``), and the largest
+difference of the values.
+(c) Forward latency, compiled temporary / peak bytes, resident parameter bytes and bytes on disk
+of checkpoints (``--models name=DIR,...``: dense or compact, e.g. deployed SALAAD / ELSA models)
+against the first one named. Without ``--models`` it builds toy ones (a random nano model, its
+90 % unstructured and 2:4 compact twins, a low-rank + sparse compact twin) in a temporary
+directory.
+
+Every timing is a median over ``--repeats`` rounds in which all contenders alternate
+(:func:`experiments.benchmarking.interleaved_medians`), after ``--warmup`` untimed calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tokenizers
+
+from admm_jax._checks import check_int
+from admm_jax.models.compact import compact_from_masks, compact_from_surrogate, resident_bytes
+from admm_jax.models.llama import LlamaConfig, forward, init_params
+from admm_jax.pruning import prune
+from admm_jax.salaad.hpa import allocate
+from admm_jax.salaad.surrogate import block_surrogate
+from admm_jax.training.checkpoint import checkpoint_bytes, load_model, model_graphdef, save_model
+from experiments.benchmarking import interleaved_medians, report
+from experiments.cli import parse_config
+from kernels import from_dense, resolve_impl, sddmm, sparse_matmul
+
+SHAPES = ((576, 576), (576, 192), (576, 1536), (1536, 576))
+DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+SDDMM_DENSITIES = (0.001, 0.005, 0.01, 0.02, 0.05)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSparseConfig:
+    """SpMM / SDDMM against dense, and compact models against dense ones (JSON to --out)."""
+
+    out: str = "results/bench_sparse.json"
+    """JSON report path."""
+    quick: bool = False
+    """Smoke run: one shape, two densities, 3 rounds, toy models at 64 tokens."""
+    repeats: int = 20
+    """Timed rounds per contender (medians)."""
+    warmup: int = 2
+    """Untimed calls per contender first."""
+    models: str = ""
+    """name=DIR,... checkpoints for (c), the first is the reference; default: toy models."""
+    tokens: str = "1,512"
+    """Sequence lengths for (c) (capped at each model's max_seq_len)."""
+
+    def __post_init__(self):
+        check_int("repeats", self.repeats, minimum=1)
+        check_int("warmup", self.warmup, minimum=0)
+
+
+def _random_sparse(shape: tuple[int, int], density: float, seed: int):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape).astype(np.float32)
+    keep = rng.random(shape) < density
+    return jnp.asarray(np.where(keep, w, 0)), from_dense(jnp.asarray(w), keep)
+
+
+def _memory(fn, *args) -> dict:
+    """Temporary and peak bytes of ``jit(fn)`` compiled for ``args``."""
+    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+    return {"temp_bytes": int(analysis.temp_size_in_bytes),
+            "peak_bytes": int(analysis.peak_memory_in_bytes)}
+
+
+def bench_spmm(shapes, densities, token_counts, repeats: int, warmup: int) -> list[dict]:
+    """(a): rows ``{shape, density, tokens, dense_s, spmm_s, speedup = dense_s / spmm_s}``."""
+    dense_fn = jax.jit(lambda x, w: x @ w)
+    sparse_fn = jax.jit(lambda x, w: sparse_matmul(x, w))
+    rows = []
+    for shape in shapes:
+        for density in densities:
+            w_dense, w = _random_sparse(shape, density, seed=0)
+            for tokens in token_counts:
+                x = jax.random.normal(jax.random.key(1), (tokens, shape[0]))
+                t = interleaved_medians({"dense": lambda x=x, w=w_dense: dense_fn(x, w),
+                                         "spmm": lambda x=x, w=w: sparse_fn(x, w)},
+                                        repeats, warmup)
+                rows.append({"shape": list(shape), "density": density, "tokens": tokens,
+                             "nnz": w.nnz, "dense_s": t["dense"], "spmm_s": t["spmm"],
+                             "speedup": t["dense"] / t["spmm"]})
+    return rows
+
+
+def bench_sddmm(shape, densities, tokens: int, repeats: int, warmup: int) -> list[dict]:
+    """(b): SDDMM against ``(xᵀ dy)[rows, cols]``: time, memory, ratios, max difference."""
+    x = jax.random.normal(jax.random.key(2), (tokens, shape[0]))
+    dy = jax.random.normal(jax.random.key(3), (tokens, shape[1]))
+
+    def dense_then_gather(x, dy, rows, cols):
+        return (x.T @ dy)[rows.astype(jnp.int32), cols.astype(jnp.int32)]
+
+    def sparse_values(x, dy, w):
+        return sddmm(x, dy, w)
+
+    gather_fn, sddmm_fn = jax.jit(dense_then_gather), jax.jit(sparse_values)
+    rows = []
+    for density in densities:
+        _, w = _random_sparse(shape, density, seed=4)
+        t = interleaved_medians({"gather": lambda w=w: gather_fn(x, dy, w.rows, w.cols),
+                                 "sddmm": lambda w=w: sddmm_fn(x, dy, w)}, repeats, warmup)
+        mem_g = _memory(dense_then_gather, x, dy, w.rows, w.cols)
+        mem_s = _memory(sparse_values, x, dy, w)
+        diff = float(jnp.max(jnp.abs(gather_fn(x, dy, w.rows, w.cols) - sddmm_fn(x, dy, w))))
+        rows.append({"shape": list(shape), "density": density, "tokens": tokens, "nnz": w.nnz,
+                     "dense_gather_s": t["gather"], "sddmm_s": t["sddmm"],
+                     "speedup": t["gather"] / t["sddmm"], "dense_gather_memory": mem_g,
+                     "sddmm_memory": mem_s,
+                     "temp_ratio": mem_s["temp_bytes"] / max(mem_g["temp_bytes"], 1),
+                     "peak_ratio": mem_s["peak_bytes"] / max(mem_g["peak_bytes"], 1),
+                     "max_abs_diff": diff})
+    return rows
+
+
+def _forward(graphdef, params, tokens):
+    return forward(graphdef, params, tokens)
+
+
+def bench_models(models: dict[str, str], token_counts, repeats: int, warmup: int) -> list[dict]:
+    """(c): per checkpoint and sequence length: forward seconds, compiled memory, resident and
+    on-disk bytes, and each as a ratio to the first checkpoint's."""
+    loaded = {name: load_model(d) for name, d in models.items()}
+    ref, rows = next(iter(loaded)), []
+    for tokens in token_counts:
+        fns, block = {}, []
+        for name, m in loaded.items():
+            t = min(tokens, m.config.max_seq_len)
+            seq = jnp.asarray(np.random.default_rng(5).integers(0, m.config.vocab_size, (1, t)),
+                              jnp.int32)
+            fwd = functools.partial(_forward, model_graphdef(m))
+            fns[name] = functools.partial(jax.jit(fwd), m.params, seq)
+            block.append({"model": name, "tokens": t, "layouts": len(m.layouts),
+                          **_memory(fwd, m.params, seq),
+                          "resident_bytes": resident_bytes(m.params),
+                          "checkpoint_bytes": checkpoint_bytes(models[name])})
+        seconds = interleaved_medians(fns, repeats, warmup)
+        for row in block:
+            row["forward_s"] = seconds[row["model"]]
+            for key in ("forward_s", "peak_bytes", "resident_bytes", "checkpoint_bytes"):
+                row[f"{key}_vs_{ref}"] = row[key] / block[0][key]
+        rows += block
+    return rows
+
+
+def _toy_surrogate(params: dict, rng: np.random.Generator) -> dict:
+    """Rank-8 + 2 % sparse parts of every decoder kernel (a stand-in SALAAD surrogate)."""
+    out = {}
+    for i, layer in params["layers"].items():
+        for group, linears in layer.items():
+            for name, leaf in linears.items() if group in ("attn", "mlp") else ():
+                m, n = leaf["kernel"].shape
+                low = 0.02 * rng.standard_normal((m, 8)) @ rng.standard_normal((8, n))
+                sparse = np.where(rng.random((m, n)) < 0.02, rng.standard_normal((m, n)), 0)
+                out[f"layers/{i}/{group}/{name}/kernel"] = block_surrogate(low, sparse)
+    return out
+
+
+def toy_models(root: Path, config: LlamaConfig) -> dict[str, str]:
+    """Checkpoints of a random model and its compact twins (90 % unstructured, 2:4, low-rank +
+    sparse at half the constrained size) under ``root``: ``{name: dir}``."""
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<eos>": 0}, unk_token="<eos>"))
+    _, params = init_params(config, jax.random.key(0))
+    out = {"dense": save_model(root / "dense", params, model_config=config, tokenizer=tokenizer)}
+    for name, structure, sparsity in (("sparse90", "unstructured", 0.9), ("nm24", "2:4", 0.5)):
+        pruned, masks = prune(config, params, method="magnitude", sparsity=sparsity,
+                              structure=structure, verbose=False)
+        model = compact_from_masks(config, pruned, masks, structure=structure)
+        out[name] = save_model(root / name, model.params, model_config=config,
+                               tokenizer=tokenizer, layouts=model.layouts)
+    surrogate = _toy_surrogate(params, np.random.default_rng(0))
+    allocation = allocate(surrogate, 0.5, 0.5, params=params, relative_to="constrained")
+    model = compact_from_surrogate(config, params, surrogate, allocation)
+    out["slr50"] = save_model(root / "slr50", model.params, model_config=config,
+                              tokenizer=tokenizer, layouts=model.layouts)
+    return {k: str(v) for k, v in out.items()}
+
+
+def _parse_models(spec: str) -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in spec.split(",") if item]
+    if any(len(p) != 2 or not all(p) for p in pairs):
+        raise ValueError(f"--models must be name=DIR,name=DIR,..., got {spec!r}")
+    return dict(pairs)
+
+
+def run(cfg: BenchSparseConfig) -> dict:
+    """All three benchmarks of ``cfg`` as one JSON-ready dict."""
+    repeats = 3 if cfg.quick else cfg.repeats
+    warmup = min(cfg.warmup, 1) if cfg.quick else cfg.warmup
+    shapes = SHAPES[1:2] if cfg.quick else SHAPES
+    tokens = [64] if cfg.quick else [int(t) for t in cfg.tokens.split(",")]
+    result = {"backend": jax.default_backend(), "impl": resolve_impl("auto"),
+              "repeats": repeats, "warmup": warmup, "quick": cfg.quick,
+              "spmm": bench_spmm(shapes, (0.01, 0.1) if cfg.quick else DENSITIES,
+                                 (1, 512), repeats, warmup),
+              "sddmm": bench_sddmm(SHAPES[2], (0.01,) if cfg.quick else SDDMM_DENSITIES, 512,
+                                   repeats, warmup)}
+    with tempfile.TemporaryDirectory() as tmp:
+        models = _parse_models(cfg.models) if cfg.models else toy_models(
+            Path(tmp), LlamaConfig.preset("nano"))
+        result["models"] = bench_models(models, tokens, repeats, warmup)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(BenchSparseConfig, argv)
+    return report(run(cfg), cfg.out)
+
+
+if __name__ == "__main__":
+    main()
