@@ -17,7 +17,7 @@ goes to stderr.
 --checkpoint DIR`` evaluates it) whose meta records the corpus split and an ``hpa`` entry (budget,
 kappa, counts, ratios, kept ranks and sparse counts, resident bytes); without it nothing is
 written. By default (``--compact true``) that checkpoint is compact
-(:func:`admm_jax.models.compact.compact_from_surrogate`): every deployed linear is stored and run
+(:func:`admm_jax.salaad.compact.compact_from_surrogate`): every deployed linear is stored and run
 as its kept low-rank factors plus its kept sparse entries (values + int16/int32 indices), so bytes
 on disk and in memory follow the budget; the model evaluated is then that compact model (the same
 function as the dense ``L + S`` to float rounding). ``--compact false`` writes the dense
@@ -34,8 +34,9 @@ from typing import Literal, NamedTuple
 import jax
 
 from admm_jax._checks import check_real
-from admm_jax.models.compact import compact_from_surrogate, resident_bytes
+from admm_jax.models.compact import resident_bytes
 from admm_jax.models.layouts import Layout
+from admm_jax.salaad.compact import compact_from_surrogate
 from admm_jax.salaad.hpa import Allocation, allocate, deploy
 from admm_jax.salaad.surrogate import load_surrogate
 from admm_jax.training.checkpoint import LoadedModel, resolve_checkpoint_dir, save_model

@@ -1,16 +1,34 @@
-"""XLA formulations of the sparse products for CPU: chunked gather + segment-sum and chunked SDDMM.
+"""XLA formulations of the sparse products for CPU: chunked gather + segment-sum and tiled SDDMM.
 
-Both work in the token-transposed layout ``xᵀ [n_in, T]`` so that every gather fetches a
-contiguous row of ``T`` numbers, and both scan over the nonzeros in chunks of ``CHUNK``
-entries so that the gathered intermediate is ``[CHUNK, T]`` whatever ``nnz`` is:
+The SpMMs work in the token-transposed layout ``xᵀ [n_in, T]`` so that every gather fetches a
+contiguous row of ``T`` numbers, and scan over the nonzeros in chunks of ``CHUNK`` entries so
+that the gathered intermediate is ``[CHUNK, T]`` whatever ``nnz`` is:
 
     y ᵀ[c, :]  = Σ_{i: cols[i]=c} values[i] · xᵀ[rows[i], :]      (sorted segment-sum, forward)
     dxᵀ[r, :]  = Σ_{i: rows[i]=r} values[i] · dyᵀ[cols[i], :]     (unsorted segment-sum, dy @ Wᵀ)
-    dvalues[i] = ⟨xᵀ[rows[i], :], dyᵀ[cols[i], :]⟩                 (SDDMM, Gale et al. 2020)
 
-Peak extra memory: ``[CHUNK, T]`` plus the ``[n_out, T]`` output; never ``[n_in, n_out]``.
+Their extra memory is the transposed input, ``[CHUNK, T]`` and the ``[n_out, T]`` output; never
+``[n_in, n_out]``.
 
-Measured on CPU (2 cores, shared; median of 20 jitted calls; layer 576 × 1536, fp32), ms:
+The SDDMM (Gale et al. 2020) ``dvalues[i] = Σ_t x[t, rows[i]] · dy[t, cols[i]]`` keeps its
+temporaries within a byte ``budget`` (default ``TEMP_BUDGET`` = 256 KiB) independent of ``T``
+and ``nnz``: a loop over token tiles of ``tt`` tokens transposes ``x`` and ``dy`` one tile at a
+time, and an inner loop over chunks of ``chunk`` entries gathers contiguous rows of ``tt``
+numbers from the tile and adds their inner products into the output in place,
+
+    tt    = ⌊budget / (2 · b · (n_in + n_out))⌋     the tiles [n_in + n_out, tt]: half the budget
+    chunk = ⌊budget / (4 · b · tt)⌋                  two gathered [chunk, tt] blocks: the other half
+
+(``b`` bytes per accumulated number, both at least 1 and at most ``T`` resp. ``nnz``). The last
+tile and chunk are clamped to end at ``T`` / ``nnz`` (no padded copies) and masked where they
+overlap their predecessors. Compiled temporaries are then ``≤ budget`` plus the length-``chunk``
+index vectors, as long as ``2 · b · (n_in + n_out) ≤ budget`` (layers up to ``n_in + n_out =
+32,768`` at the default). A budget that fits whole transposed inputs (``tt = T``, e.g. 9 MiB
+at the shape below) is the untiled, faster-at-5 %, memory-hungry formulation; a budget so large
+that ``chunk = nnz`` gathers everything at once and spills out of cache (5–10× slower).
+
+Measured on CPU (2 cores, shared; medians of 20 interleaved jitted calls; layer 576 × 1536,
+fp32), ms — SpMM rows from an earlier run:
 
     ===========================  ==========  ==========  ==========  ==========
     op (density, tokens)          1 %, 1      1 %, 512    5 %, 1      5 %, 512
@@ -21,19 +39,21 @@ Measured on CPU (2 cores, shared; median of 20 jitted calls; layer 576 × 1536, 
     BCOO dot_general              0.051       6.6         0.210       69.9
     this module: spmm             0.049       1.6         0.171       5.0
     this module: spmm_t           0.045       2.7         0.093       5.3
-    SDDMM dense-then-gather       0.069       5.5         0.079       5.6
-    SDDMM gather, one shot        0.038       44.0        0.167       210.1
-    SDDMM column tiles of xᵀdy    0.096       7.4         0.523       7.3
-    this module: sddmm            0.045       3.3         0.086       10.3
+    SDDMM dense-then-gather       0.078       5.2–7.5     0.120       5.8–9.0
+    SDDMM gather along axis 1     —           17.6        —           —
+    SDDMM, budget 9 MiB (tt = T)  0.045       3.4–3.6     0.089       11.3–15.9
+    this module: sddmm (256 KiB)  0.065       3.9–4.1     0.078       23.5–37.2
     ===========================  ==========  ==========  ==========  ==========
 
-On a loaded 2-core CPU single numbers move by up to 2× between runs (the chunked forward
-measured 4.4 ms at 1 %, 512 tokens in an earlier run). Chunking turns the one-shot gathers,
-which spill out of cache at 512 tokens, into cache-sized pieces: 10–20× faster at 5 %. At
-decode (1 token) the sparse forms beat dense by 2.5–4×; at 512 tokens they beat or match dense
-at 1 % and reach or lose to it at 5 % (the SDDMM 2×), since CPU matmul is compute-dense and
-XLA's gathers cost about a nanosecond per element. Chunk sizes 256–4096 were within noise;
-1024 is kept.
+Compiled temporaries at 512 tokens (``memory_analysis().temp_size_in_bytes``, arguments and
+outputs excluded): dense-then-gather 3,538,944 B (the ``xᵀ dy`` gradient) at every density;
+``sddmm`` 262,576 B at 0.5–5 % (0.074×), 119,672 B at 0.1 %; the 9 MiB budget 9.05 MB. The
+default gives the same values (max difference 4e-5 against ``xᵀ dy``) at a fourteenth of the
+dense path's memory, faster than it at 0.1–1 % and 2–4× slower at 5 %, where the many short
+``tt``-number gathers (``tt = 15`` here) cost more than the dense matmul saves; gathering
+columns of the untransposed ``x`` directly bounds memory too but is 4× slower still. On a loaded
+2-core CPU single numbers move by up to 2× between runs (the ranges are two runs). The SpMMs'
+chunk sizes 256–4096 were within noise; 1024 is kept.
 """
 
 from __future__ import annotations
@@ -41,10 +61,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from admm_jax._checks import check_int
 from kernels.sparse import SparseMatrix
 from kernels.sparse import accumulation_dtype as _acc
 
 CHUNK = 1024
+TEMP_BUDGET = 256 * 1024  # bytes of SDDMM temporaries (token tiles + gathered blocks)
 
 
 def _chunks(n: int, *arrays: jax.Array, fill: tuple[int, ...]) -> tuple[jax.Array, ...]:
@@ -71,7 +93,6 @@ def _segment_matmul(xt: jax.Array, values: jax.Array, src: jax.Array, dst: jax.A
     return out
 
 
-
 def spmm(x: jax.Array, w: SparseMatrix) -> jax.Array:
     """``x @ W`` for ``x [T, n_in]`` by chunked gather + sorted segment-sum (see module doc)."""
     xt = x.astype(_acc(x, w.values)).T
@@ -85,16 +106,52 @@ def spmm_t(dy: jax.Array, w: SparseMatrix) -> jax.Array:
     return _segment_matmul(dyt, w.values, w.cols, w.rows, w.shape[0], dst_sorted=False).T
 
 
-def sddmm(x: jax.Array, dy: jax.Array, w: SparseMatrix) -> jax.Array:
-    """``dvalues[i] = Σ_t x[t, rows[i]] · dy[t, cols[i]]`` in chunks of ``CHUNK`` entries."""
+def _budget_tiles(budget: int, itemsize: int, t: int, n_in: int, n_out: int,
+                  nnz: int) -> tuple[int, int]:
+    """``(tt, chunk)`` for :func:`sddmm`: half of ``budget`` bytes for the transposed token
+    tiles ``[n_in + n_out, tt]``, the other half for the two gathered ``[chunk, tt]`` blocks."""
+    tt = max(1, min(t, budget // (2 * itemsize * (n_in + n_out))))
+    return tt, max(1, min(nnz, budget // (4 * itemsize * tt)))
+
+
+def _overlap_block(k: jax.Array, size: int, n: int) -> tuple[jax.Array, jax.Array]:
+    """Start of block ``k`` of ``size`` elements out of ``n``, clamped so the last block ends at
+    ``n`` (no padding), and the mask ``fresh [size]`` of the elements no earlier block covered."""
+    start = jnp.minimum(k * size, n - size)
+    return start, start + jnp.arange(size) >= k * size
+
+
+def _sddmm_tile(xt: jax.Array, dyt: jax.Array, w: SparseMatrix, chunk: int,
+                out: jax.Array) -> jax.Array:
+    """``out + [⟨xt[rows[i], :], dyt[cols[i], :]⟩]_i`` for one token tile, ``chunk`` entries at
+    a time (row gathers of the transposed tile, updated in place in ``out``)."""
+
+    def body(k, out):
+        start, fresh = _overlap_block(k, chunk, w.nnz)
+        r, c = (jax.lax.dynamic_slice_in_dim(a, start, chunk).astype(jnp.int32)
+                for a in (w.rows, w.cols))
+        part = jnp.sum(xt[r] * dyt[c], axis=1)
+        prev = jax.lax.dynamic_slice_in_dim(out, start, chunk)
+        return jax.lax.dynamic_update_slice_in_dim(out, prev + jnp.where(fresh, part, 0),
+                                                   start, 0)
+
+    return jax.lax.fori_loop(0, -(-w.nnz // chunk), body, out)
+
+
+def sddmm(x: jax.Array, dy: jax.Array, w: SparseMatrix, *,
+          budget: int = TEMP_BUDGET) -> jax.Array:
+    """``dvalues[i] = Σ_t x[t, rows[i]] · dy[t, cols[i]]`` in token tiles × entry chunks sized
+    by ``budget`` bytes of temporaries (:func:`_budget_tiles`; see the module doc)."""
+    check_int("budget", budget, minimum=1)
     dt = _acc(x, dy)
-    xt, dyt = x.astype(dt).T, dy.astype(dt).T
-    r, c = _chunks(w.nnz, w.rows.astype(jnp.int32), w.cols.astype(jnp.int32), fill=(0, 0))
+    if w.nnz == 0 or x.shape[0] == 0:
+        return jnp.zeros((w.nnz,), dt)
+    tt, chunk = _budget_tiles(budget, jnp.dtype(dt).itemsize, x.shape[0], *w.shape, w.nnz)
 
-    def body(_, chunk):
-        rc, cc = chunk
-        return None, jnp.sum(xt[rc] * dyt[cc], axis=1)
+    def token_tile(j, out):
+        start, fresh = _overlap_block(j, tt, x.shape[0])
+        xs, ds = (jax.lax.dynamic_slice_in_dim(a, start, tt).astype(dt).T for a in (x, dy))
+        xt = jnp.where(fresh[None, :], xs, 0)  # tokens an earlier tile covered count 0
+        return _sddmm_tile(xt, ds, w, chunk, out)
 
-    _, out = jax.lax.scan(body, None, (r, c))
-    return out.reshape(-1)[:w.nnz]
-
+    return jax.lax.fori_loop(0, -(-x.shape[0] // tt), token_tile, jnp.zeros((w.nnz,), dt))

@@ -16,7 +16,6 @@ from admm_jax.core import path_str
 from admm_jax.data import prepare_corpus
 from admm_jax.models.compact import (
     compact_from_masks,
-    compact_from_surrogate,
     dense_params,
     masks_from_nonzeros,
     resident_bytes,
@@ -31,6 +30,7 @@ from admm_jax.models.layouts import (
 )
 from admm_jax.models.llama import LlamaConfig, abstract_params, forward, init_params
 from admm_jax.pruning import prune
+from admm_jax.salaad.compact import compact_from_surrogate
 from admm_jax.salaad.hpa import allocate
 from admm_jax.salaad.hpa import deploy as hpa_deploy
 from admm_jax.salaad.surrogate import block_surrogate, reconstruct, save_surrogate

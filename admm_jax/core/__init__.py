@@ -16,8 +16,9 @@ from admm_jax.core.state import (
     state_memory,
 )
 from admm_jax.core.storage import StateStorage
-from admm_jax.core.tree import DEFAULT_PATTERN, path_str, select, selected_paths
+from admm_jax.core.tree import DEFAULT_PATTERN, flat_paths, path_str, select, selected_paths
 
 __all__ = ["DEFAULT_PATTERN", "ADMMState", "BlockState", "DecoupledState", "ProxContext", "Split",
            "StateStorage", "admm", "admm_metrics", "admm_state", "block_states", "blockwise",
-           "path_str", "rho_ramp", "select", "selected_paths", "sigmoid_ramp", "state_memory"]
+           "flat_paths", "path_str", "rho_ramp", "select", "selected_paths", "sigmoid_ramp",
+           "state_memory"]

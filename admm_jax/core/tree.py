@@ -34,6 +34,11 @@ def path_str(path: tuple) -> str:
     return "/".join(parts)
 
 
+def flat_paths(tree) -> dict[str, Any]:
+    """``{path_str(path): leaf}`` of every leaf of ``tree``, in flatten order."""
+    return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def leaf_paths(tree) -> Any:
     """A pytree with the structure of ``tree`` whose leaves are their path strings."""
     return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p), tree)

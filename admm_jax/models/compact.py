@@ -10,10 +10,8 @@ config))`` — what :func:`admm_jax.training.checkpoint.save_model` writes as a 
   :class:`~admm_jax.models.linears.SparseLinear` (COO, ``nnz = |M|``, ``(4 + 2 + 2)·nnz`` bytes
   with int16 indices: below the dense ``4·in·out`` for density < 1/2) or, for ``structure="N:M"``,
   an :class:`~admm_jax.models.linears.NMLinear` (``5·in·out·N/M`` bytes);
-* :func:`compact_from_surrogate` (SALAAD + HPA): block ``b`` kept at rank ``r'`` and ``k'``
-  entries becomes ``SumLinear(LowRankLinear(u_r √s_r, (v_r √s_r)ᵀ), SparseLinear(top-k'))`` —
-  or one part when the other is empty — which stands for exactly the matrix
-  :func:`admm_jax.salaad.hpa.deploy` rebuilds densely (``r'·(m + n) + k'`` numbers + indices).
+* :func:`admm_jax.salaad.compact.compact_from_surrogate` (SALAAD + HPA) builds on
+  :func:`assemble_compact` here.
 
 Every other leaf (embedding, norms, ``lm_head``, unconverted kernels) is the source's own array.
 A surrogate block that is not a linear kernel (the token embedding) is rebuilt densely, as
@@ -32,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from admm_jax.core.tree import path_str
+import kernels
+from admm_jax.core.tree import flat_paths, path_str
 from admm_jax.models.layouts import (
     Layout,
     insert_linears,
@@ -42,20 +41,23 @@ from admm_jax.models.layouts import (
 )
 from admm_jax.models.linears import (
     SparseLinear,
-    SumLinear,
-    low_rank_from_factors,
     materialize,
     nm_from_dense,
     sparse_from_dense,
 )
 from admm_jax.models.llama import LlamaConfig, abstract_params
 from admm_jax.ops.structures import NM, StructureSpec, Unstructured, parse_structure
-from admm_jax.salaad.hpa import Allocation
-from admm_jax.salaad.surrogate import BlockSurrogate, Surrogate, reconstruct
-from kernels import sparse_matrix
 
-__all__ = ["CompactModel", "compact_from_masks", "compact_from_surrogate", "dense_params",
-           "masks_from_nonzeros", "resident_bytes"]
+__all__ = [
+    "CompactModel",
+    "assemble_compact",
+    "compact_from_masks",
+    "dense_params",
+    "linear_path",
+    "masks_from_nonzeros",
+    "nothing_kept",
+    "resident_bytes",
+]
 
 KERNEL = "kernel"
 
@@ -68,11 +70,7 @@ class CompactModel(NamedTuple):
     params: dict
 
 
-def _flat(params: Any) -> dict[str, Any]:
-    return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
-def _linear_path(leaf: str, linears: Mapping[str, Any]) -> str | None:
+def linear_path(leaf: str, linears: Mapping[str, Any]) -> str | None:
     """``"layers/0/attn/q_proj"`` for the kernel leaf ``".../q_proj/kernel"`` of a linear."""
     head, _, tail = leaf.rpartition("/")
     return head if tail == KERNEL and head in linears else None
@@ -96,19 +94,19 @@ def _fill(template: dict, source: Mapping[str, Any], overrides: Mapping[str, Any
     return jax.tree_util.tree_map_with_path(leaf, template)
 
 
-def _assemble(config: LlamaConfig, params: Any, modules: Mapping[str, nnx.Module],
+def assemble_compact(config: LlamaConfig, params: Any, modules: Mapping[str, nnx.Module],
               overrides: Mapping[str, Any]) -> CompactModel:
     """The compact model with ``modules`` at their paths, ``overrides`` at leaf paths, and the
     rest of ``params``."""
     layouts = {p: layout_of(m) for p, m in modules.items()}
     template = abstract_params(config, linear=structured_factory(layouts, config))[1]
-    return CompactModel(layouts, _fill(insert_linears(template, modules), _flat(params),
+    return CompactModel(layouts, _fill(insert_linears(template, modules), flat_paths(params),
                                        overrides))
 
 
-def _nothing_kept(shape: tuple[int, int], config: LlamaConfig) -> SparseLinear:
+def nothing_kept(shape: tuple[int, int], config: LlamaConfig) -> SparseLinear:
     """``W = 0`` as one explicit zero entry at ``(0, 0)``."""
-    return SparseLinear(sparse_matrix(jnp.zeros(1), jnp.zeros(1, jnp.int32),
+    return SparseLinear(kernels.sparse_matrix(jnp.zeros(1), jnp.zeros(1, jnp.int32),
                                       jnp.zeros(1, jnp.int32), shape),
                         compute_dtype=config.compute_dtype)
 
@@ -122,7 +120,7 @@ def _masked_module(w: Any, mask: Any, structure: Unstructured | NM,
     if isinstance(structure, NM):
         return nm_from_dense(kept, structure.n, structure.m, compute_dtype=config.compute_dtype)
     if not keep.any():
-        return _nothing_kept(kept.shape, config)
+        return nothing_kept(kept.shape, config)
     return sparse_from_dense(kept, keep, compute_dtype=config.compute_dtype)
 
 
@@ -149,76 +147,28 @@ def compact_from_masks(config: LlamaConfig, params: Any, masks: Mapping[str, Any
     structure = parse_structure(structure)
     if not isinstance(structure, (Unstructured, NM)):
         raise ValueError(f"compact layers store unstructured or N:M sparsity, not {structure}")
-    flat, linears = _flat(params), linear_specs(config)
+    flat, linears = flat_paths(params), linear_specs(config)
     modules = {}
     for leaf, mask in masks.items():
         if leaf not in flat:
             raise ValueError(f"mask {leaf!r} is not a leaf of params (expected paths like "
                              f"'layers/0/attn/q_proj/kernel')")
-        path = _linear_path(leaf, linears)
+        path = linear_path(leaf, linears)
         if path is not None:
             try:
                 modules[path] = _masked_module(flat[leaf], mask, structure, config)
             except ValueError as e:
                 raise ValueError(f"{leaf}: {e}") from e
-    return _assemble(config, params, modules, {})
+    return assemble_compact(config, params, modules, {})
 
 
 def masks_from_nonzeros(config: LlamaConfig, params: Any) -> dict[str, np.ndarray]:
     """``{kernel path: W ≠ 0}`` of the decoder blocks' projection kernels (the seven linears
     per block that pruning touches; ``lm_head`` is left out): the masks of a pruned model saved
     with zeros."""
-    flat = _flat(params)
+    flat = flat_paths(params)
     return {f"{path}/{KERNEL}": np.asarray(flat[f"{path}/{KERNEL}"]) != 0
             for path, spec in linear_specs(config).items() if spec.layer is not None}
-
-
-def _surrogate_module(block: BlockSurrogate, rank: int, n_sparse: int,
-                      config: LlamaConfig) -> nnx.Module:
-    """Top-``rank`` triplets + top-``n_sparse`` entries of ``block`` as compact layers."""
-    parts, (m, n) = [], block.shape
-    if rank:
-        parts.append(low_rank_from_factors(block.u[:, :rank], block.s[:rank], block.v[:, :rank],
-                                           compute_dtype=config.compute_dtype))
-    if n_sparse:
-        flat = np.asarray(block.indices[:n_sparse], np.int64)
-        matrix = sparse_matrix(jnp.asarray(block.values[:n_sparse], jnp.float32), flat // n,
-                               flat % n, (m, n))
-        parts.append(SparseLinear(matrix, compute_dtype=config.compute_dtype))
-    if not parts:
-        return _nothing_kept((m, n), config)
-    return parts[0] if len(parts) == 1 else SumLinear(parts)
-
-
-def compact_from_surrogate(config: LlamaConfig, params: Any, surrogate: Surrogate,
-                           allocation: Allocation) -> CompactModel:
-    """The compact form of :func:`admm_jax.salaad.hpa.deploy` ``(params, surrogate,
-    allocation)``: each linear block ``b`` as ``L_b + S_b`` with ``L_b`` the top
-    ``allocation.ranks[b]`` singular triplets (a :class:`LowRankLinear`) and ``S_b`` the top
-    ``allocation.n_sparse[b]`` entries (a :class:`SparseLinear`); surrogate blocks that are not
-    linear kernels are reconstructed densely; all other leaves are ``params``' own.
-
-    Raises:
-        ValueError: if ``allocation`` does not cover exactly the surrogate's blocks, or a block
-            is not a leaf of ``params`` with its shape.
-    """
-    if set(allocation.ranks) != set(surrogate) or set(allocation.n_sparse) != set(surrogate):
-        raise ValueError("allocation and surrogate cover different blocks; allocate this "
-                         "surrogate first")
-    flat = _flat(params)
-    for key, block in surrogate.items():
-        if key not in flat or tuple(flat[key].shape) != tuple(block.shape):
-            raise ValueError(f"surrogate block {key!r} of shape {tuple(block.shape)} is not a "
-                             "leaf of params with that shape")
-    modules, overrides, linears = {}, {}, linear_specs(config)
-    for key, block in surrogate.items():
-        rank, n_sparse = allocation.ranks[key], allocation.n_sparse[key]
-        path = _linear_path(key, linears)
-        if path is None:
-            overrides[key] = reconstruct(block, rank, n_sparse)
-        else:
-            modules[path] = _surrogate_module(block, rank, n_sparse, config)
-    return _assemble(config, params, modules, overrides)
 
 
 def _module_at(model: nnx.Module, path: str) -> nnx.Module:
@@ -235,8 +185,8 @@ def dense_params(config: LlamaConfig, layouts: Mapping[str, Layout], params: Any
         return params
     graphdef = abstract_params(config, linear=structured_factory(layouts, config))[0]
     model = nnx.merge(graphdef, params)
-    kernels = {f"{p}/{KERNEL}": materialize(_module_at(model, p)) for p in layouts}
-    return _fill(abstract_params(config)[1], _flat(params), kernels)
+    dense_kernels = {f"{p}/{KERNEL}": materialize(_module_at(model, p)) for p in layouts}
+    return _fill(abstract_params(config)[1], flat_paths(params), dense_kernels)
 
 
 def resident_bytes(params: Any) -> int:

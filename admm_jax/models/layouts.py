@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import kernels
 from admm_jax._checks import check_int
 from admm_jax.models.linears import (
     LowRankLinear,
@@ -53,7 +54,6 @@ from admm_jax.models.llama import (
     abstract_params,
     dense_linear,
 )
-from kernels import sparse_matrix
 
 __all__ = [
     "DenseLayout", "Layout", "LowRankLayout", "NMLayout", "SparseLayout", "SumLayout",
@@ -131,7 +131,8 @@ def _build_sparse(layout: SparseLayout, spec: LinearSpec, config: LlamaConfig,
         if rows.shape != (nnz,) or cols.shape != (nnz,):
             raise ValueError(f"SparseLayout rows and cols must have shape ({nnz},), got "
                              f"{rows.shape} and {cols.shape}")
-    matrix = sparse_matrix(_normal(rngs, (nnz,), config.init_std), rows, cols, (d_in, d_out))
+    matrix = kernels.sparse_matrix(_normal(rngs, (nnz,), config.init_std), rows, cols,
+                                   (d_in, d_out))
     return SparseLinear(matrix, compute_dtype=config.compute_dtype)
 
 

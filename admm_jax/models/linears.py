@@ -31,9 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import kernels
 from admm_jax._checks import check_int, is_traced
-from kernels import SparseMatrix, from_dense, sparse_matmul, to_dense
-from kernels.sparse import IndexDtype
 
 __all__ = [
     "LowRankLinear",
@@ -93,8 +92,8 @@ class SparseLinear(nnx.Module):
         compute_dtype: activations and values are cast to it; the kernel accumulates in fp32.
     """
 
-    def __init__(self, matrix: SparseMatrix, *, compute_dtype: str = "float32"):
-        if not isinstance(matrix, SparseMatrix):
+    def __init__(self, matrix: kernels.SparseMatrix, *, compute_dtype: str = "float32"):
+        if not isinstance(matrix, kernels.SparseMatrix):
             raise TypeError(f"matrix must be a kernels.SparseMatrix, got {type(matrix).__name__}")
         self.in_features, self.out_features = matrix.shape
         self.compute_dtype = compute_dtype
@@ -102,20 +101,21 @@ class SparseLinear(nnx.Module):
         self.rows, self.cols = SparseIndices(matrix.rows), SparseIndices(matrix.cols)
 
     @property
-    def matrix(self) -> SparseMatrix:
+    def matrix(self) -> kernels.SparseMatrix:
         """The stored ``W`` as a :class:`kernels.SparseMatrix`."""
-        return SparseMatrix(values=self.values[...], rows=self.rows[...], cols=self.cols[...],
-                            shape=(self.in_features, self.out_features))
+        return kernels.SparseMatrix(values=self.values[...], rows=self.rows[...],
+                                    cols=self.cols[...],
+                                    shape=(self.in_features, self.out_features))
 
     def __call__(self, x: Array) -> Array:
         dt = jnp.dtype(self.compute_dtype)
         w = self.matrix
         w = w.with_values(w.values.astype(dt))
-        return sparse_matmul(x.astype(dt), w, impl="auto").astype(dt)
+        return kernels.sparse_matmul(x.astype(dt), w, impl="auto").astype(dt)
 
     def dense(self) -> Array:
         """The scatter of ``values`` into a zero ``[in, out]``."""
-        return to_dense(self.matrix)
+        return kernels.to_dense(self.matrix)
 
 
 class NMLinear(nnx.Module):
@@ -240,11 +240,12 @@ def low_rank_from_factors(u: Array, s: Array, v: Array, *,
     return LowRankLinear(u * root, (v * root).T, compute_dtype=compute_dtype)
 
 
-def sparse_from_dense(w: Array, mask: Array | None = None, *, index_dtype: IndexDtype = "auto",
+def sparse_from_dense(w: Array, mask: Array | None = None, *,
+                      index_dtype: kernels.sparse.IndexDtype = "auto",
                       compute_dtype: str = "float32") -> SparseLinear:
     """The entries of ``w [in, out]`` where ``mask`` holds (default ``w ≠ 0``), exactly, as a
     :class:`SparseLinear` (:func:`kernels.from_dense`; concrete inputs only)."""
-    return SparseLinear(from_dense(jnp.asarray(w), mask, index_dtype=index_dtype),
+    return SparseLinear(kernels.from_dense(jnp.asarray(w), mask, index_dtype=index_dtype),
                         compute_dtype=compute_dtype)
 
 

@@ -63,7 +63,7 @@ import numpy as np
 from scipy.optimize import isotonic_regression
 
 from admm_jax._checks import check_int
-from admm_jax.core.tree import path_str
+from admm_jax.core.tree import flat_paths
 from admm_jax.salaad.surrogate import BlockSurrogate, Surrogate
 
 
@@ -147,7 +147,7 @@ def _triplet_curvature(u: jax.Array, v: jax.Array, fisher: jax.Array) -> jax.Arr
 
 def _fisher_leaves(surrogate: Surrogate, fisher: Any) -> dict[str, np.ndarray]:
     """The surrogate blocks' Fisher matrices, validated (present, same shape, finite, ≥ 0)."""
-    flat = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(fisher)[0]}
+    flat = flat_paths(fisher)
     missing = [p for p in surrogate if p not in flat]
     if missing:
         raise ValueError(f"fisher has no leaf for surrogate blocks {missing[:5]} (leaves are "
