@@ -289,7 +289,7 @@ def _check_same_model(directory: Path, stored: dict, requested: dict) -> None:
     if diff:
         raise ValueError(
             f"checkpoint directory {str(directory)!r} was written for an incompatible model "
-            f"({', '.join(diff)}); use a new run name or directory")
+            f"config ({', '.join(diff)}); use a new run name or directory")
 
 
 def save_model(directory: str | os.PathLike, params, *, model_config: LlamaConfig,
