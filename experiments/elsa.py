@@ -53,7 +53,7 @@ import optax
 from admm_jax._checks import check_choice, check_int, check_real
 from admm_jax._io import atomic_write_json
 from admm_jax.core import admm_metrics, path_str, rho_ramp, select, selected_paths
-from admm_jax.data import calibration_samples, corpus_meta, eval_batches, prepare_corpus
+from admm_jax.data import calibration_samples, corpus_meta, eval_batches
 from admm_jax.elsa import elsa, finalize, masked_updates
 from admm_jax.models.llama import abstract_params
 from admm_jax.pruning import prune
@@ -79,7 +79,7 @@ from experiments.elsa_report import (
     plot_run,
     write_summary,
 )
-from experiments.loading import load_model_source
+from experiments.loading import load_with_domains
 from experiments.runs import run_dir
 
 #: the leaves every method prunes: the projection kernels of the decoder blocks
@@ -349,12 +349,8 @@ def run_row(ctx: Context, root: Path, method: str, setting: str) -> dict:
 
 def load_context(cfg: ElsaConfig, argv: list[str]) -> Context:
     """Model, corpus, calibration windows and the validation tokens of every domain."""
-    model = load_model_source(cfg.checkpoint, cfg.model)
-    corpus = prepare_corpus(cfg.corpus, tokenizer=model.tokenizer)
-    domains = {"ppl": corpus.val}
-    if cfg.transfer_corpus:
-        domains["transfer_ppl"] = prepare_corpus(cfg.transfer_corpus,
-                                                 tokenizer=model.tokenizer).val
+    model, corpus, domains = load_with_domains(cfg.checkpoint, cfg.model, cfg.corpus,
+                                               cfg.transfer_corpus)
     calibration = calibration_samples(corpus, cfg.n_calibration, cfg.calibration_len, seed=0)
     return Context(cfg, model, corpus, calibration, domains,
                    "python -m experiments.elsa " + shlex.join(argv))

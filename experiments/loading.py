@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from admm_jax.data import prepare_corpus
 from admm_jax.models.compact import dense_params
 from admm_jax.models.pretrained import PRETRAINED
 from admm_jax.training.checkpoint import LoadedModel, load_model
@@ -42,3 +43,15 @@ def load_model_source(checkpoint: str = "", model: str = "", *, cache_dir: str =
                          f"{sorted(PRETRAINED)}")
     loaded = PRETRAINED[model](cache_dir=cache_dir or None)
     return LoadedModel(loaded.config, loaded.params, loaded.tokenizer, meta={}, step=0)
+
+
+def load_with_domains(checkpoint: str, model: str, corpus: str, transfer_corpus: str = ""):
+    """``(loaded model, corpus, domains)``: the model (see :func:`load_model_source`), ``corpus``
+    tokenized with its tokenizer, and the validation tokens of every evaluation domain
+    ``{"ppl": corpus, "transfer_ppl": transfer_corpus}`` (the second only if given)."""
+    loaded = load_model_source(checkpoint, model)
+    tokenized = prepare_corpus(corpus, tokenizer=loaded.tokenizer)
+    domains = {"ppl": tokenized.val}
+    if transfer_corpus:
+        domains["transfer_ppl"] = prepare_corpus(transfer_corpus, tokenizer=loaded.tokenizer).val
+    return loaded, tokenized, domains

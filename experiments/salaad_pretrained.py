@@ -37,7 +37,7 @@ import numpy as np
 
 from admm_jax._io import atomic_write_json
 from admm_jax.core import admm_metrics, path_str, select, selected_paths
-from admm_jax.data import calibration_samples, corpus_meta, eval_batches, prepare_corpus
+from admm_jax.data import calibration_samples, corpus_meta, eval_batches
 from admm_jax.models.llama import abstract_params
 from admm_jax.ops.rpca import rpca_tree
 from admm_jax.pruning import prune
@@ -53,7 +53,7 @@ from admm_jax.training import OptimizerConfig, TrainConfig, train
 from admm_jax.training.checkpoint import resolve_checkpoint_dir, save_model
 from admm_jax.training.lm import make_nll_sum, perplexity
 from experiments.cli import parse_config, to_dict
-from experiments.loading import load_model_source
+from experiments.loading import load_with_domains
 from experiments.runs import markdown_table, run_dir
 from experiments.salaad import (
     STRATEGY_LABEL,
@@ -243,12 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(PretrainedConfig, argv)
     root = run_dir(cfg.runs_root, cfg.name)
     atomic_write_json(root / "config.json", to_dict(cfg))
-    model = load_model_source(cfg.checkpoint, cfg.model)
-    corpus = prepare_corpus(cfg.corpus, tokenizer=model.tokenizer)
-    domains = {"ppl": corpus.val}
-    if cfg.transfer_corpus:
-        domains["transfer_ppl"] = prepare_corpus(cfg.transfer_corpus,
-                                                 tokenizer=model.tokenizer).val
+    model, corpus, domains = load_with_domains(cfg.checkpoint, cfg.model, cfg.corpus,
+                                               cfg.transfer_corpus)
     evaluate = Evaluator(cfg, model.config, domains, root)
     meta = corpus_meta(corpus)
     salaad, salaad_ckpt = salaad_checkpoint(root, model, corpus, cfg)
