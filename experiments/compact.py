@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+import numpy as np
+
 from admm_jax.models.compact import compact_from_masks, masks_from_nonzeros, resident_bytes
 from admm_jax.training.checkpoint import (
     checkpoint_bytes,
@@ -42,6 +44,24 @@ class CompactConfig:
     """unstructured (COO of the nonzeros) or N:M, e.g. 2:4 (N:M values + in-group indices)."""
 
 
+def write_compact(out, config, params, masks: dict, *, structure: str, tokenizer, step: int = 0,
+                  meta: dict | None = None) -> dict:
+    """Save the compact twin of the pruned ``params`` (keep ``masks``, see
+    :func:`~admm_jax.models.compact.compact_from_masks`) at ``out``; returns its ``compact``
+    record (structure, kernel count, density, resident bytes of both, bytes on disk), which is
+    also stored in the checkpoint's meta."""
+    model = compact_from_masks(config, params, masks, structure=structure)
+    kept = sum(int(np.sum(np.asarray(m))) for m in masks.values())
+    record = {"structure": structure, "kernels": len(masks),
+              "density": kept / max(sum(np.asarray(m).size for m in masks.values()), 1),
+              "resident_bytes": resident_bytes(model.params),
+              "dense_resident_bytes": resident_bytes(params)}
+    save_model(out, model.params, model_config=config, tokenizer=tokenizer, step=step,
+               meta={**(meta or {}), "compact": record}, layouts=model.layouts)
+    record["checkpoint_bytes"] = checkpoint_bytes(out)
+    return record
+
+
 def compact_checkpoint(cfg: CompactConfig) -> dict:
     """Write the compact checkpoint of ``cfg``; returns the ``compact`` record of its meta."""
     if not cfg.checkpoint or not cfg.out:
@@ -50,25 +70,20 @@ def compact_checkpoint(cfg: CompactConfig) -> dict:
     if source.layouts:
         raise ValueError(f"{cfg.checkpoint!r} is already a compact checkpoint")
     masks = masks_from_nonzeros(source.config, source.params)
-    model = compact_from_masks(source.config, source.params, masks, structure=cfg.structure)
-    kept = sum(int(m.sum()) for m in masks.values())
-    record = {"source": str(resolve_checkpoint_dir(cfg.checkpoint)),
-              "structure": cfg.structure, "kernels": len(masks),
-              "density": kept / max(sum(m.size for m in masks.values()), 1),
-              "resident_bytes": resident_bytes(model.params),
-              "source_resident_bytes": resident_bytes(source.params),
-              "source_checkpoint_bytes": checkpoint_bytes(cfg.checkpoint)}
-    save_model(cfg.out, model.params, model_config=source.config, tokenizer=source.tokenizer,
-               step=source.step, meta={**source.meta, "compact": record}, layouts=model.layouts)
-    record["checkpoint_bytes"] = checkpoint_bytes(cfg.out)
-    return record
+    meta = {**source.meta, "source": str(resolve_checkpoint_dir(cfg.checkpoint))}
+    record = write_compact(cfg.out, source.config, source.params, masks,
+                           structure=cfg.structure, tokenizer=source.tokenizer,
+                           step=source.step, meta=meta)
+    return {**record, "source_checkpoint_bytes": checkpoint_bytes(cfg.checkpoint)}
 
 
 def main(argv: list[str] | None = None) -> dict:
     record = compact_checkpoint(parse_config(CompactConfig, argv))
     print(f"density of the projection kernels: {record['density']:.4f}", file=sys.stderr)
-    for what in ("checkpoint_bytes", "resident_bytes"):
-        print(f"{what}: {record[what]} (dense source: {record['source_' + what]})")
+    print(f"checkpoint_bytes: {record['checkpoint_bytes']} (dense source: "
+          f"{record['source_checkpoint_bytes']})")
+    print(f"resident_bytes: {record['resident_bytes']} (dense source: "
+          f"{record['dense_resident_bytes']})")
     return record
 
 

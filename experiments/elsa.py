@@ -55,6 +55,7 @@ from admm_jax._io import atomic_write_json
 from admm_jax.core import admm_metrics, path_str, rho_ramp, select, selected_paths
 from admm_jax.data import calibration_samples, corpus_meta, eval_batches
 from admm_jax.elsa import elsa, finalize, masked_updates
+from admm_jax.models.compact import dense_params
 from admm_jax.models.llama import abstract_params
 from admm_jax.pruning import prune
 from admm_jax.training import (
@@ -69,6 +70,7 @@ from admm_jax.training import (
 from admm_jax.training.checkpoint import save_model
 from admm_jax.training.lm import make_nll_sum, perplexity
 from experiments.cli import parse_config, to_dict
+from experiments.compact import write_compact
 from experiments.elsa_cache import cached, collect_rows
 from experiments.elsa_report import (
     ELSA_VARIANTS,
@@ -254,13 +256,23 @@ def _trained_tokens(ctx: Context, history: list[dict]) -> int:
 
 
 def finish(ctx: Context, method: str, setting: str, params, out: Path, t0: float, *,
-           calibration_tokens: int = 0, history: list[dict] | None = None, **extra) -> dict:
-    """Save the checkpoint of a run, score it on every domain and return its result row."""
+           masks: dict | None = None, calibration_tokens: int = 0,
+           history: list[dict] | None = None, **extra) -> dict:
+    """Save the checkpoint of a run, score it on every domain and return its result row.
+
+    A pruned run (``masks`` given) is saved as a compact checkpoint
+    (:func:`experiments.compact.write_compact`: COO values + indices, or N:M for an N:M
+    setting) and its row records the bytes; the dense-model rows are saved dense. Perplexity is
+    computed on the dense ``params``, the compact model's dense twin."""
     params = jax.block_until_ready(params)
     seconds = time.perf_counter() - t0 + extra.pop("seconds_before", 0.0)
-    save_model(out / "model", params, model_config=ctx.model.config,
-               tokenizer=ctx.model.tokenizer,
-               meta={**corpus_meta(ctx.corpus), "method": method, "setting": setting})
+    kw = dict(tokenizer=ctx.model.tokenizer,
+              meta={**corpus_meta(ctx.corpus), "method": method, "setting": setting})
+    if masks is None:
+        save_model(out / "model", params, model_config=ctx.model.config, **kw)
+    else:
+        extra["compact"] = write_compact(out / "model", ctx.model.config, params, masks,
+                                         structure=parse_setting(setting)[1], **kw)
     row = {"method": method, "setting": setting, "sparsity": measured_sparsity(params),
            **evaluate_domains(ctx, params), "calibration_tokens": calibration_tokens,
            "train_tokens": _trained_tokens(ctx, history) if history else 0, "seconds": seconds,
@@ -279,7 +291,7 @@ def run_oneshot(ctx: Context, method: str, setting: str, out: Path) -> dict:
                           sparsity=sparsity, structure=structure,
                           blocksize=ctx.cfg.sparsegpt_blocksize, percdamp=ctx.cfg.sparsegpt_damp)
     np.savez(out / "masks.npz", **{p: np.asarray(m) for p, m in masks.items()})
-    return finish(ctx, method, setting, params, out, t0,
+    return finish(ctx, method, setting, params, out, t0, masks=masks,
                   calibration_tokens=0 if method == "magnitude" else int(ctx.calibration.size))
 
 
@@ -290,9 +302,11 @@ def run_finetune(ctx: Context, method: str, setting: str, oneshot: dict, out: Pa
     with np.load(source.parent / "masks.npz") as stored:
         masks = {p: stored[p] for p in stored.files}
     tx = optax.chain(default_optimizer(ctx.cfg.train), masked_updates(masks))
+    loaded = load_model(source)
+    init = dense_params(loaded.config, loaded.layouts, loaded.params)
     result = train(ctx.model.config, ctx.corpus, out / "train", ctx.cfg.train, tx,
-                   tokenizer=ctx.model.tokenizer, init=load_model(source).params)
-    return finish(ctx, method, setting, result.params, out, t0,
+                   tokenizer=ctx.model.tokenizer, init=init)
+    return finish(ctx, method, setting, result.params, out, t0, masks=masks,
                   calibration_tokens=oneshot["calibration_tokens"], history=result.history,
                   seconds_before=oneshot["seconds"])
 
@@ -312,7 +326,7 @@ def run_elsa(ctx: Context, method: str, setting: str, out: Path) -> dict:
     trained = {p: np.asarray(x) for p, x in _flat(result.params).items() if p in masks}
     gap = np.sqrt(sum(np.sum((x * ~np.asarray(masks[p])) ** 2) for p, x in trained.items())
                   / sum(np.sum(x ** 2) for x in trained.values()))
-    return finish(ctx, method, setting, params, out, t0, history=result.history,
+    return finish(ctx, method, setting, params, out, t0, masks=masks, history=result.history,
                   residual=result.history[-1].get("admm/residual_mean"),
                   projection_gap=float(gap))
 

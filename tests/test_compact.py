@@ -207,7 +207,7 @@ def test_compact_and_evaluate_clis_score_the_compact_checkpoint(base, unstructur
     record = compact_cli.main(["--checkpoint", str(source), "--out", str(tmp_path / "c")])
     info = json.loads((tmp_path / "c" / MODEL_FILE).read_text())
     assert info["format"] == COMPACT_FORMAT and len(info["layouts"]) == 14
-    assert record["resident_bytes"] < 0.5 * record["source_resident_bytes"]
+    assert record["resident_bytes"] < 0.5 * record["dense_resident_bytes"]
     args = ["--text", str(text), "--seq_len", "32", "--batch_size", "2", "--max_batches", "2"]
     dense = evaluate.main(["--checkpoint", str(source), *args])
     assert evaluate.main(["--checkpoint", str(tmp_path / "c"), *args]) == pytest.approx(

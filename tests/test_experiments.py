@@ -10,6 +10,7 @@ import pytest
 
 from admm_jax.core import path_str
 from admm_jax.data import corpus_meta, prepare_corpus
+from admm_jax.models.compact import dense_params
 from admm_jax.models.llama import LlamaConfig, init_params
 from admm_jax.training.checkpoint import load_model, save_model
 from experiments import deploy, elsa_cache, evaluate, salaad, salaad_pretrained
@@ -67,6 +68,12 @@ def test_salaad_experiment_end_to_end(tmp_path, monkeypatch):
     assert np.isfinite(ppl)
 
 
+def _dense(checkpoint):
+    """The dense params of a (possibly compact) checkpoint."""
+    loaded = load_model(checkpoint)
+    return dense_params(loaded.config, loaded.layouts, loaded.params)
+
+
 def _flat(params):
     return {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
@@ -114,14 +121,24 @@ def test_elsa_experiment_end_to_end(tmp_path, monkeypatch):
     for setting in ("0.75", "2:4"):  # masked fine-tuning moves the kept weights only
         oneshot = by[("sparsegpt", setting)]
         masks = np.load(Path(oneshot["checkpoint"]).parent / "masks.npz")
-        before = _flat(load_model(oneshot["checkpoint"]).params)
-        after = _flat(load_model(by[("sparsegpt+ft", setting)]["checkpoint"]).params)
+        before = _flat(_dense(oneshot["checkpoint"]))
+        after = _flat(_dense(by[("sparsegpt+ft", setting)]["checkpoint"]))
         assert len(masks.files) == 7 * LlamaConfig.preset("nano").n_layers
         for path in masks.files:
             pruned = ~masks[path]
             assert np.all(before[path][pruned] == 0) and np.all(after[path][pruned] == 0)
             assert np.any(after[path] != before[path])
         assert by[("sparsegpt+ft", setting)]["seconds"] > oneshot["seconds"]
+    for (method, setting), row in by.items():  # pruned rows are saved compact
+        layouts = load_model(row["checkpoint"]).layouts
+        assert len(layouts) == (0 if setting == "dense" else 7 * LlamaConfig.preset("nano")
+                                .n_layers), (method, setting)
+        if setting != "dense":
+            assert {type(lay).__name__ for lay in layouts.values()} == (
+                {"SparseLayout"} if setting == "0.75" else {"NMLayout"}), (method, setting)
+            record = row["compact"]
+            assert record["resident_bytes"] < record["dense_resident_bytes"]
+            assert record["structure"] == ("unstructured" if setting == "0.75" else "2:4")
     for method in ("elsa", "elsa-paper", "elsa-global"):
         row = by[(method, "0.75")]
         assert np.isfinite(row["residual"]) and 0 <= row["projection_gap"] < 1
