@@ -6,7 +6,9 @@
 
 Loads the checkpoint's dense model and its surrogate (``<checkpoint>/surrogate/``, see
 :mod:`admm_jax.salaad.surrogate`), allocates ``--budget`` (a fraction of the dense parameter
-count) with mixing coefficient ``--kappa`` (:func:`admm_jax.salaad.hpa.allocate`), rebuilds the
+count) with mixing coefficient ``--kappa`` (:func:`admm_jax.salaad.hpa.allocate`; ``--strategy
+sensitivity`` ranks triplets and entries by a diagonal Fisher from ``--fisher_windows`` train
+windows of the checkpoint's corpus instead), rebuilds the
 dense weights (:func:`admm_jax.salaad.hpa.deploy`) and prints ``params: <int>`` — the exact
 deployed count under the convention of :mod:`admm_jax.salaad.hpa`. It then evaluates perplexity
 exactly like ``python -m experiments.evaluate`` (on ``--text`` or the checkpoint's validation
@@ -33,16 +35,24 @@ from typing import Literal, NamedTuple
 
 import jax
 
-from admm_jax._checks import check_real
+from admm_jax._checks import check_choice, check_int, check_real
+from admm_jax.data import calibration_samples
 from admm_jax.models.compact import resident_bytes
 from admm_jax.models.layouts import Layout
 from admm_jax.salaad.compact import compact_from_surrogate
 from admm_jax.salaad.hpa import Allocation, allocate, deploy
-from admm_jax.salaad.surrogate import load_surrogate
-from admm_jax.training.checkpoint import LoadedModel, resolve_checkpoint_dir, save_model
+from admm_jax.salaad.sensitivity import Sensitivity
+from admm_jax.salaad.surrogate import Surrogate, load_surrogate
+from admm_jax.training.checkpoint import (
+    LoadedModel,
+    model_graphdef,
+    resolve_checkpoint_dir,
+    save_model,
+)
 from experiments.cli import parse_config
-from experiments.evaluate import EvaluateConfig, evaluate_params
+from experiments.evaluate import EvaluateConfig, corpus_of, evaluate_params
 from experiments.loading import load_model_source
+from experiments.salaad import surrogate_sensitivity
 
 #: Checkpoint meta fields that identify the training corpus split (admm_jax.data.corpus_meta).
 _CORPUS_KEYS = ("corpus", "val_fraction", "split_seed")
@@ -60,6 +70,13 @@ class DeployConfig(EvaluateConfig):
     (the rest of the model always stays dense)."""
     kappa: float = 0.5
     """HPA mixing coefficient: share of the reduction taken from the low-rank parts."""
+    strategy: Literal["homomorphic", "sensitivity"] = "homomorphic"
+    """homomorphic: HPA's shared ratios; sensitivity: keep the triplets and entries whose
+    removal costs least under a diagonal Fisher (:mod:`admm_jax.salaad.sensitivity`)."""
+    fisher_windows: int = 32
+    """--strategy sensitivity: Fisher windows from the train split of the checkpoint's corpus."""
+    fisher_seq_len: int = 128
+    """--strategy sensitivity: tokens per Fisher window."""
     exact: bool = True
     """Spend the budget to within one parameter (else nested kept sets across budgets)."""
     out: str = ""
@@ -71,6 +88,9 @@ class DeployConfig(EvaluateConfig):
     def __post_init__(self):
         super().__post_init__()
         check_real("kappa", self.kappa, low=0.0, high=1.0)
+        check_choice("strategy", self.strategy, ("homomorphic", "sensitivity"))
+        check_int("fisher_windows", self.fisher_windows, minimum=1)
+        check_int("fisher_seq_len", self.fisher_seq_len, minimum=1)
 
 
 class Deployment(NamedTuple):
@@ -83,6 +103,20 @@ class Deployment(NamedTuple):
     layouts: dict[str, Layout]
 
 
+def fisher_sensitivity(cfg: DeployConfig, loaded: LoadedModel, surrogate: Surrogate
+                       ) -> Sensitivity:
+    """Unit sensitivities of ``surrogate`` (:func:`experiments.salaad.surrogate_sensitivity`)
+    from ``cfg.fisher_windows`` windows of the train split of the checkpoint's corpus."""
+    t0 = time.perf_counter()
+    corpus = corpus_of(cfg, loaded.meta, loaded.tokenizer)
+    windows = calibration_samples(corpus, cfg.fisher_windows, cfg.fisher_seq_len + 1, seed=0)
+    sensitivity = surrogate_sensitivity(model_graphdef(loaded), loaded.params, surrogate,
+                                        windows)
+    print(f"Fisher sensitivities from {cfg.fisher_windows} x {cfg.fisher_seq_len} tokens of "
+          f"{corpus.name} (train split) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return sensitivity
+
+
 def deploy_checkpoint(cfg: DeployConfig) -> Deployment:
     """The deployment of ``cfg``: compact when ``cfg.out`` and ``cfg.compact``, else dense."""
     if not cfg.checkpoint or cfg.model:
@@ -90,9 +124,12 @@ def deploy_checkpoint(cfg: DeployConfig) -> Deployment:
                          "not --model")
     loaded = load_model_source(cfg.checkpoint)
     surrogate = load_surrogate(cfg.checkpoint)
+    sensitivity = fisher_sensitivity(cfg, loaded, surrogate) if cfg.strategy == "sensitivity" \
+        else None
     t0 = time.perf_counter()
     allocation = allocate(surrogate, cfg.budget, cfg.kappa, params=loaded.params,
-                          exact=cfg.exact, relative_to=cfg.relative_to)
+                          exact=cfg.exact, relative_to=cfg.relative_to, strategy=cfg.strategy,
+                          sensitivity=sensitivity)
     if cfg.out and cfg.compact:
         layouts, params = compact_from_surrogate(loaded.config, loaded.params, surrogate,
                                                  allocation)
@@ -114,6 +151,7 @@ def hpa_meta(cfg: DeployConfig, deployed: Deployment) -> dict:
     meta["hpa"] = {
         "source": str(resolve_checkpoint_dir(cfg.checkpoint)), "source_step": loaded.step,
         "budget": cfg.budget, "relative_to": cfg.relative_to, "kappa": cfg.kappa,
+        "strategy": cfg.strategy,
         "exact": cfg.exact,
         "params": allocation.params, "budget_params": allocation.budget,
         "dense_params": allocation.dense_params, "phi_low_rank": allocation.phi_low_rank,

@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 
 from admm_jax._checks import check_int
-from admm_jax.data import encode_text, eval_batches, prepare_corpus
+from admm_jax.data import TokenizedCorpus, encode_text, eval_batches, prepare_corpus
 from admm_jax.models.layouts import Layout
 from admm_jax.models.llama import LlamaConfig, abstract_params
 from admm_jax.training.checkpoint import linear_factory
@@ -68,6 +68,16 @@ def evaluate(cfg: EvaluateConfig) -> float:
                            layouts=loaded.layouts)
 
 
+def corpus_of(cfg: EvaluateConfig, meta: dict, tokenizer) -> TokenizedCorpus:
+    """``cfg.corpus``, else the corpus recorded in a checkpoint's ``meta`` (default
+    shakespeare), split as ``meta`` records when it is the checkpoint's own corpus."""
+    same_corpus = not cfg.corpus or cfg.corpus == meta.get("corpus")
+    split = ({"val_fraction": meta["val_fraction"], "seed": meta["split_seed"]}
+             if same_corpus and "split_seed" in meta else {})
+    return prepare_corpus(cfg.corpus or meta.get("corpus", "shakespeare"), tokenizer=tokenizer,
+                          cache_dir=cfg.cache_dir or None, **split)
+
+
 def evaluate_params(cfg: EvaluateConfig, config: LlamaConfig, params, tokenizer,
                     meta: dict, *, layouts: Mapping[str, Layout] | None = None) -> float:
     """Perplexity of ``params`` on ``cfg.text``, or on ``cfg.corpus`` / the corpus in ``meta``
@@ -81,11 +91,7 @@ def evaluate_params(cfg: EvaluateConfig, config: LlamaConfig, params, tokenizer,
         tokens = encode_text(tokenizer, path.read_text(encoding="utf-8"))
         source = str(path)
     else:
-        same_corpus = not cfg.corpus or cfg.corpus == meta.get("corpus")
-        split = ({"val_fraction": meta["val_fraction"], "seed": meta["split_seed"]}
-                 if same_corpus and "split_seed" in meta else {})
-        corpus = prepare_corpus(cfg.corpus or meta.get("corpus", "shakespeare"),
-                                tokenizer=tokenizer, cache_dir=cfg.cache_dir or None, **split)
+        corpus = corpus_of(cfg, meta, tokenizer)
         tokens, source = corpus.val, f"{corpus.name} (validation split)"
     if len(tokens) < 2:
         raise ValueError(f"{source} has fewer than 2 tokens; nothing to evaluate")

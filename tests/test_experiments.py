@@ -66,6 +66,19 @@ def test_salaad_experiment_end_to_end(tmp_path, monkeypatch):
     ppl = deploy.main(["--checkpoint", str(run / "salaad"), "--budget", "0.7",
                        "--seq_len", "32", "--batch_size", "4", "--max_batches", "2"])
     assert np.isfinite(ppl)
+    # ... and the sensitivity-aware allocation, from Fisher windows of the run's own corpus
+    metas = {}
+    for strategy in ("homomorphic", "sensitivity"):
+        deploy.main(["--checkpoint", str(run / "salaad"), "--budget", "0.7", "--relative_to",
+                     "constrained", "--strategy", strategy, "--fisher_windows", "4",
+                     "--fisher_seq_len", "32", "--out", str(tmp_path / strategy),
+                     "--seq_len", "32", "--batch_size", "4", "--max_batches", "2"])
+        metas[strategy] = load_model(tmp_path / strategy).meta["hpa"]
+        assert metas[strategy]["strategy"] == strategy
+        assert budget_70 - 2 <= metas[strategy]["params"] <= budget_70
+    assert metas["sensitivity"]["params"] == rows[0]["salaad-sensitivity_params"]
+    assert (metas["sensitivity"]["ranks"], metas["sensitivity"]["n_sparse"]) != (
+        metas["homomorphic"]["ranks"], metas["homomorphic"]["n_sparse"])
 
 
 def _dense(checkpoint):
