@@ -2,7 +2,7 @@
 
     python -m experiments.bench_sparse                       # (a) + (b) + (c) on built toy models
     python -m experiments.bench_sparse --models dense=runs/x/model,elsa90=runs/x-c --tokens 1,512
-    python -m experiments.bench_sparse --quick               # a smoke run in seconds
+    python -m experiments.bench_sparse --quick true          # a smoke run in seconds
 
 (a) SpMM forward ``x @ W`` (:func:`kernels.sparse_matmul`, ``impl="auto"``) against the dense
 matmul of the same ``W`` on the SmolLM2-135M layer shapes (576×576 q/o, 576×192 k/v, 576×1536

@@ -23,7 +23,7 @@ Variable types follow flax's ``nnx.LoRAParam`` convention: the trainable adapter
 :class:`~admm_jax.models.linears.SparseIndices`. So ``trainable=AdapterParam`` (or
 ``nnx.LoRAParam``) in :func:`admm_jax.training.step.make_train_step` trains exactly the
 adapters. ``r = 0`` gives a pure sparse adapter (RoSA's sparse part alone) and ``nnz = 0``
-plain LoRA: both are this module with one part empty (zero-size arrays, skipped statically).
+plain LoRA: both are this module with one part absent (``None``, skipped statically).
 
 References:
     Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2022.
@@ -130,9 +130,11 @@ class SparseLoRA(nnx.Module):
             duplicated.
         compute_dtype: activations and adapter weights are cast to it for the delta's matmuls.
 
-    Attributes: ``lora_a`` / ``lora_b`` (:class:`LowRankParam`), ``sparse``
-    (:class:`SparseDelta`: ``values`` :class:`SparseParam`, ``rows`` / ``cols``
-    ``SparseIndices``), static ``scale``, ``rank``, ``nnz``, ``in_features``, ``out_features``.
+    Attributes: ``lora_a`` / ``lora_b`` (:class:`LowRankParam`; ``None`` when ``rank = 0``),
+    ``sparse`` (:class:`SparseDelta`: ``values`` :class:`SparseParam`, ``rows`` / ``cols``
+    ``SparseIndices``; ``None`` when ``nnz = 0``), static ``scale``, ``rank``, ``nnz``,
+    ``in_features``, ``out_features``. An absent part holds no leaf at all, so params and
+    checkpoints never carry zero-size arrays.
     """
 
     def __init__(self, base_module: nnx.Module | None, init: AdapterInit, *,
@@ -148,8 +150,10 @@ class SparseLoRA(nnx.Module):
         self.nnz = matrix.nnz
         self.compute_dtype = compute_dtype
         self.base_module = base_module
-        self.lora_a, self.lora_b = LowRankParam(a), LowRankParam(b)
-        self.sparse = SparseDelta(matrix, compute_dtype=compute_dtype)
+        # an absent part is None, not a zero-size array (checkpoints cannot store those)
+        self.lora_a = LowRankParam(a) if self.rank else None
+        self.lora_b = LowRankParam(b) if self.rank else None
+        self.sparse = SparseDelta(matrix, compute_dtype=compute_dtype) if self.nnz else None
 
     @property
     def param_count(self) -> int:
@@ -176,7 +180,12 @@ class SparseLoRA(nnx.Module):
 
     def delta(self) -> Array:
         """``ΔW = λ·A B + Mat(E)`` as a dense ``[in, out]`` kernel (fp32 or the params' dtype)."""
-        return self.scale * (self.lora_a[...] @ self.lora_b[...]) + self.sparse.dense()
+        out = jnp.zeros((self.in_features, self.out_features), jnp.float32)
+        if self.rank:
+            out = out + self.scale * (self.lora_a[...] @ self.lora_b[...])
+        if self.nnz:
+            out = out + self.sparse.dense()
+        return out
 
     def dense(self) -> Array:
         """``W0 + ΔW`` (``W0 = materialize(base_module)``), so ``self(x) ≈ x @ self.dense()``."""
@@ -186,8 +195,13 @@ class SparseLoRA(nnx.Module):
 
     def weights(self) -> AdapterInit:
         """The current adapter state as an :class:`AdapterInit` (to rebuild it on a new base)."""
-        return AdapterInit(self.lora_a[...], self.lora_b[...], self.sparse.values[...],
-                           self.sparse.rows[...], self.sparse.cols[...], self.scale)
+        a = self.lora_a[...] if self.rank else jnp.zeros((self.in_features, 0), jnp.float32)
+        b = self.lora_b[...] if self.rank else jnp.zeros((0, self.out_features), jnp.float32)
+        if not self.nnz:
+            empty = jnp.zeros(0, jnp.int32)
+            return AdapterInit(a, b, jnp.zeros(0, jnp.float32), empty, empty, self.scale)
+        return AdapterInit(a, b, self.sparse.values[...], self.sparse.rows[...],
+                           self.sparse.cols[...], self.scale)
 
 
 def lora_init(in_features: int, out_features: int, rank: int, key: Array, *,

@@ -181,14 +181,19 @@ class Checkpointer:
         max_to_keep: number of most recent steps kept.
         layouts: ``{path: Layout}`` of the compact linears (none: a dense model); checked
             against ``model_config`` here (:func:`admm_jax.models.layouts.structured_factory`).
+        template: the params template of a model that config and layouts do not describe
+            (e.g. one with adapters inserted, :mod:`admm_jax.adapters`); the training loop's
+            checkpoints of it restore into this template (``load_model`` reads only the models
+            ``model.json`` describes: merge adapters and save the result for that).
     """
 
     def __init__(self, directory: str | os.PathLike, *, model_config: LlamaConfig,
                  tokenizer: tokenizers.Tokenizer, max_to_keep: int = 2,
-                 layouts: Mapping[str, Layout] | None = None):
+                 layouts: Mapping[str, Layout] | None = None, template: Any = None):
         self.directory = Path(directory).absolute()
         self.model_config = model_config
         self.layouts = dict(layouts or {})
+        self.template = template
         self.linear = linear_factory(model_config, self.layouts)
         model_file = self.directory / MODEL_FILE
         info = _model_info(model_config, self.layouts)
@@ -202,7 +207,10 @@ class Checkpointer:
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
 
     def abstract_params(self) -> dict:
-        """The params template (``jax.ShapeDtypeStruct`` leaves) of this config and layouts."""
+        """The params template (``jax.ShapeDtypeStruct`` leaves) of this config and layouts, or
+        the ``template`` given at construction."""
+        if self.template is not None:
+            return self.template
         return abstract_params(self.model_config, linear=self.linear)[1]
 
     def latest_step(self) -> int | None:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import tokenizers
+from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -140,7 +141,7 @@ def train(model_config: LlamaConfig, corpus: TokenizedCorpus, run_dir: str | os.
           trainable: Trainable = None, tokenizer: tokenizers.Tokenizer | None = None,
           init: dict | None = None, state_metrics: Callable[[Any], dict[str, Any]] | None = None,
           mesh: Mesh | None = None, stop_after: int | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, graphdef: nnx.GraphDef | None = None) -> TrainResult:
     """Train ``model_config`` on ``corpus``, checkpointing into ``run_dir/checkpoints``.
 
     If ``run_dir`` already holds a checkpoint the run resumes from its latest step (after checking
@@ -168,25 +169,34 @@ def train(model_config: LlamaConfig, corpus: TokenizedCorpus, run_dir: str | os.
         stop_after: end this invocation (with a checkpoint) after this global step, to split
             one run into several sessions; a later call with the same config resumes it.
         progress: show a tqdm bar with loss and tokens/s.
+        graphdef: the graph to train instead of ``model_config``'s dense model, e.g. one with
+            adapters inserted (:func:`admm_jax.adapters.adapt_params`); needs ``init``, its
+            params, whose structure the checkpoints then follow.
 
     Returns:
         final params, optimizer state, the logged history and the final validation perplexity.
     """
     _check_inputs(model_config, corpus, cfg)
+    custom_graph = graphdef is not None
     run_dir = Path(run_dir)
     tx = default_optimizer(cfg) if tx is None else tx
     mesh = sharding.data_mesh() if mesh is None else mesh
     sharding.check_batch_divisible(cfg.batch_size, mesh)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(run_dir / "checkpoints", model_config=model_config,
-                        tokenizer=tokenizer or corpus.tokenizer, max_to_keep=cfg.keep_checkpoints)
-    _check_resumable(run_dir, cfg)
-
+    if graphdef is not None and init is None:
+        raise ValueError("train(graphdef=...) needs init=, the params of that graph")
     init_key, rng = jax.random.split(jax.random.key(cfg.seed))
-    graphdef, params = init_params(model_config, init_key)
+    if graphdef is None:
+        graphdef, params = init_params(model_config, init_key)
     if init is not None:  # copied: the train step donates its params buffers
         params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), init)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    template = jax.eval_shape(lambda: params) if custom_graph else None
+    ckpt = Checkpointer(run_dir / "checkpoints", model_config=model_config,
+                        tokenizer=tokenizer or corpus.tokenizer, max_to_keep=cfg.keep_checkpoints,
+                        template=template)
+    _check_resumable(run_dir, cfg)
     train_step = make_train_step(graphdef, tx, loss_fn=loss_fn, has_aux=has_aux,
                                  trainable=trainable)
     metrics_path = run_dir / "metrics.jsonl"
