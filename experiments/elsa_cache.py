@@ -4,13 +4,12 @@ only under the current :data:`RESULT_FORMAT` and the config fields that result d
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from admm_jax._io import atomic_write_json
 from experiments.cli import to_dict
 from experiments.elsa_report import ONESHOT
+from experiments.runs import cached_row
 
 #: version of the result rows; a cached row of another format is recomputed (v2: the projection
 #: fix of issue 9, two evaluation domains, tokens seen and the command in every row)
@@ -41,18 +40,7 @@ def result_key(cfg, kind: str) -> dict:
 def cached(path: Path, cfg, kind: str, compute: Callable[[], dict]) -> dict:
     """The row stored at ``path`` if its key is :func:`result_key`, else ``compute()`` (after
     removing the stale ``train/`` and ``model/`` next to it), stored with that key."""
-    key = result_key(cfg, kind)
-    if path.exists():
-        row = json.loads(path.read_text())
-        if row.get("config") == key:
-            return row
-        print(f"{path} was computed under another format or config; recomputing", flush=True)
-    for stale in ("train", "model"):
-        shutil.rmtree(path.parent / stale, ignore_errors=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    row = {**compute(), "config": key}
-    atomic_write_json(path, row)
-    return row
+    return cached_row(path, result_key(cfg, kind), compute, stale=("train", "model"))
 
 
 def collect_rows(cfg, root: Path, methods: Sequence[str]) -> list[dict]:

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Sequence
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from admm_jax._io import atomic_write_json
 
 
 def run_dir(root: str | os.PathLike, name: str) -> Path:
@@ -21,6 +25,25 @@ def run_dir(root: str | os.PathLike, name: str) -> Path:
     path = Path(root) / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def cached_row(path: Path, key: dict, compute: Callable[[], dict], *,
+               stale: Sequence[str] = ()) -> dict:
+    """The JSON row stored at ``path`` if it was computed under ``key`` (its ``"config"``
+    entry), else ``compute()`` stored with that key, after removing the ``stale`` entries
+    (e.g. a half-finished ``train/`` run) next to ``path``: one result per setting, reused
+    across invocations and recomputed when what it depends on changes."""
+    if path.exists():
+        row = json.loads(path.read_text())
+        if row.get("config") == key:
+            return row
+        print(f"{path} was computed under another format or config; recomputing", flush=True)
+    for name in stale:
+        shutil.rmtree(path.parent / name, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    row = {**compute(), "config": key}
+    atomic_write_json(path, row)
+    return row
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
