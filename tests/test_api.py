@@ -16,8 +16,8 @@ from admm_jax.pruning.registry import prune as registry_prune
 from admm_jax.salaad.split import slr_admm as slr_transform
 
 PACKAGE = pathlib.Path(admm_jax.__file__).parent
-SHARED = {"core", "ops", "models", "training", "data", "pruning", "_checks", "_io"}
-METHODS = {"salaad", "elsa", "sparc", "adapters", "spap", "pisa"}
+SHARED = {"core", "ops", "models", "training", "data", "pruning", "adapters", "_checks", "_io"}
+METHODS = {"salaad", "elsa", "sparc", "spap", "pisa"}
 
 
 def _imported_packages(path: pathlib.Path) -> set[str]:
