@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal, NamedTuple
 
 import jax
@@ -270,8 +270,13 @@ def _sq_norm(x: Array) -> Array:
     return jnp.sum(jnp.square(x))
 
 
-def _bisect(loss, r_max: int) -> Array:
-    """Alg. 1 lines 3–16 plus both endpoints: the curve of ``loss`` over the ranks visited."""
+def bisection_curve(loss: Callable[[Array], Array], r_max: int) -> Array:
+    """Alg. 1 lines 3–16 plus both endpoints: ``f32[r_max + 1]``, ``loss(r)`` at the ranks the
+    bisection visits and NaN elsewhere (traceable; ``loss`` maps an int32 rank to a scalar).
+
+    The bisection keeps ``[left, right]`` and moves toward the lower of ``loss(mid)`` and
+    ``loss(mid + 1)``, which finds the minimum of a unimodal curve in ``O(log r_max)``
+    evaluations (App. C.2); :func:`is_unimodal` judges the visited points."""
     curve = jnp.full((r_max + 1,), jnp.nan, jnp.float32)
     curve = curve.at[0].set(loss(0)).at[r_max].set(loss(r_max))
 
@@ -296,7 +301,7 @@ def _search(loss, r_max: int, scan_all: bool) -> tuple[Array, Array]:
     if scan_all:
         curve = scan(None)
         return curve, is_unimodal(curve)
-    curve = _bisect(loss, r_max)
+    curve = bisection_curve(loss, r_max)
     unimodal = is_unimodal(curve)
     return lax.cond(unimodal, lambda c: c, scan, curve), unimodal
 

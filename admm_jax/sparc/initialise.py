@@ -47,7 +47,8 @@ from admm_jax.sparc.compressors import (
     SparcResult,
     SparseEntries,
     exact_parts,
-    sparc_compress_dict,
+    sparc_budget,
+    sparc_compress,
     svd_compress,
     topk_compress,
 )
@@ -166,9 +167,10 @@ def adapter_inits(method: Method, gradient: Mapping[str, jax.Array], *, rank: in
         raise ValueError("rosa needs mean_square (accumulated squared gradients) for its mask")
     keys = dict(zip(grads, jax.random.split(key, len(grads)), strict=True)) if key is not None \
         else {}
-    if method == "ra-sparc":
-        results = sparc_compress_dict(grads, r_max=rank, n_iter=n_iter)
-        return {p: ra_sparc_init(results[p], scale=scale, gamma=gamma) for p in grads}
+    if method == "ra-sparc":  # one matrix at a time: the scan fallback runs only where needed
+        return {p: ra_sparc_init(sparc_compress(g, sparc_budget(np.shape(g), r_max=rank),
+                                                n_iter=n_iter), scale=scale, gamma=gamma)
+                for p, g in grads.items()}
     squares = _linear_grads(mean_square) if method == "rosa" else {}
     out = {}
     for path, g in grads.items():
