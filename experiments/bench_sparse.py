@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
-from admm_jax._checks import check_int
+from admm_jax._checks import check_choice, check_int
 from admm_jax.models.compact import compact_from_masks, resident_bytes
 from admm_jax.models.llama import LlamaConfig, forward, init_params
 from admm_jax.pruning import prune
@@ -49,6 +49,7 @@ from kernels import from_dense, resolve_impl, sddmm, sparse_matmul
 SHAPES = ((576, 576), (576, 192), (576, 1536), (1536, 576))
 DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 SDDMM_DENSITIES = (0.001, 0.005, 0.01, 0.02, 0.05)
+PARTS = ("spmm", "sddmm", "models")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +68,14 @@ class BenchSparseConfig:
     """name=DIR,... checkpoints for (c), the first is the reference; default: toy models."""
     tokens: str = "1,512"
     """Sequence lengths for (c) (capped at each model's max_seq_len)."""
+    parts: str = "spmm,sddmm,models"
+    """Comma-separated benchmarks to run: spmm (a), sddmm (b), models (c)."""
 
     def __post_init__(self):
         check_int("repeats", self.repeats, minimum=1)
         check_int("warmup", self.warmup, minimum=0)
+        for part in _parts(self.parts):
+            check_choice("parts", part, PARTS)
 
 
 def _random_sparse(shape: tuple[int, int], density: float, seed: int):
@@ -217,6 +222,10 @@ def toy_models(root: Path, config: LlamaConfig) -> dict[str, str]:
     return {k: str(v) for k, v in out.items()}
 
 
+def _parts(spec: str) -> list[str]:
+    return [p.strip() for p in spec.split(",") if p.strip()]
+
+
 def _parse_models(spec: str) -> dict[str, str]:
     pairs = [item.split("=", 1) for item in spec.split(",") if item]
     if any(len(p) != 2 or not all(p) for p in pairs):
@@ -225,22 +234,26 @@ def _parse_models(spec: str) -> dict[str, str]:
 
 
 def run(cfg: BenchSparseConfig) -> dict:
-    """All three benchmarks of ``cfg`` as one JSON-ready dict."""
+    """The benchmarks ``cfg.parts`` names, as one JSON-ready dict."""
     repeats = 3 if cfg.quick else cfg.repeats
     warmup = min(cfg.warmup, 1) if cfg.quick else cfg.warmup
     shapes = SHAPES[1:2] if cfg.quick else SHAPES
     tokens = [64] if cfg.quick else [int(t) for t in cfg.tokens.split(",")]
+    parts = _parts(cfg.parts)
     result = {"backend": jax.default_backend(), "impl": resolve_impl("auto"),
-              "repeats": repeats, "warmup": warmup, "quick": cfg.quick,
-              "spmm": bench_spmm(shapes, (0.01, 0.1) if cfg.quick else DENSITIES,
-                                 (1, 512), repeats, warmup),
-              "sddmm_memory_note": SDDMM_MEMORY_NOTE,
-              "sddmm": bench_sddmm(SHAPES[2], (0.01,) if cfg.quick else SDDMM_DENSITIES, 512,
-                                   repeats, warmup)}
-    with tempfile.TemporaryDirectory() as tmp:
-        models = _parse_models(cfg.models) if cfg.models else toy_models(
-            Path(tmp), LlamaConfig.preset("nano"))
-        result["models"] = bench_models(models, tokens, repeats, warmup)
+              "repeats": repeats, "warmup": warmup, "quick": cfg.quick, "parts": parts}
+    if "spmm" in parts:
+        result["spmm"] = bench_spmm(shapes, (0.01, 0.1) if cfg.quick else DENSITIES, (1, 512),
+                                    repeats, warmup)
+    if "sddmm" in parts:
+        result["sddmm_memory_note"] = SDDMM_MEMORY_NOTE
+        result["sddmm"] = bench_sddmm(SHAPES[2], (0.01,) if cfg.quick else SDDMM_DENSITIES, 512,
+                                      repeats, warmup)
+    if "models" in parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            models = _parse_models(cfg.models) if cfg.models else toy_models(
+                Path(tmp), LlamaConfig.preset("nano"))
+            result["models"] = bench_models(models, tokens, repeats, warmup)
     return result
 
 
