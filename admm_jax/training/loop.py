@@ -110,6 +110,19 @@ def _resume(ckpt: Checkpointer, metrics_path: Path, params, opt_state, rng):
     return params, opt_state, rng, start, history
 
 
+def _initial_state(model_config: LlamaConfig, cfg: TrainConfig, graphdef, init):
+    """``(graphdef, params, rng)`` at step 0: ``init`` (copied: the train step donates its
+    params buffers) or a random init from ``cfg.seed``, on ``graphdef`` if given."""
+    if graphdef is not None and init is None:
+        raise ValueError("train(graphdef=...) needs init=, the params of that graph")
+    init_key, rng = jax.random.split(jax.random.key(cfg.seed))
+    if graphdef is None:
+        graphdef, params = init_params(model_config, init_key)
+    if init is not None:
+        params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), init)
+    return graphdef, params, rng
+
+
 def _check_inputs(model_config: LlamaConfig, corpus: TokenizedCorpus, cfg: TrainConfig) -> None:
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
@@ -183,14 +196,7 @@ def train(model_config: LlamaConfig, corpus: TokenizedCorpus, run_dir: str | os.
     mesh = sharding.data_mesh() if mesh is None else mesh
     sharding.check_batch_divisible(cfg.batch_size, mesh)
 
-    if graphdef is not None and init is None:
-        raise ValueError("train(graphdef=...) needs init=, the params of that graph")
-    init_key, rng = jax.random.split(jax.random.key(cfg.seed))
-    if graphdef is None:
-        graphdef, params = init_params(model_config, init_key)
-    if init is not None:  # copied: the train step donates its params buffers
-        params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), init)
-
+    graphdef, params, rng = _initial_state(model_config, cfg, graphdef, init)
     run_dir.mkdir(parents=True, exist_ok=True)
     template = jax.eval_shape(lambda: params) if custom_graph else None
     ckpt = Checkpointer(run_dir / "checkpoints", model_config=model_config,
