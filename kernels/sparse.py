@@ -125,12 +125,17 @@ def sparse_matrix(values: jax.Array, rows: jax.Array, cols: jax.Array, shape: tu
                                                                                    index_dtype)
     if any(is_traced(a) for a in (rows, cols)):
         order = jnp.lexsort((rows, cols))
-    else:
-        r64, c64 = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
-        order = np.lexsort((r64, c64))
-        _check_indices(r64[order], c64[order], shape)
-    return SparseMatrix(values=values[order], rows=rows[order].astype(row_dtype),
-                        cols=cols[order].astype(col_dtype), shape=shape)
+        return SparseMatrix(values=values[order], rows=rows[order].astype(row_dtype),
+                            cols=cols[order].astype(col_dtype), shape=shape)
+    # concrete indices: sort and check in NumPy (no per-nnz eager dispatch or compilation)
+    r64, c64 = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+    order = np.lexsort((r64, c64))
+    r64, c64 = r64[order], c64[order]
+    _check_indices(r64, c64, shape)
+    values = values[jnp.asarray(order)] if is_traced(values) else jnp.asarray(
+        np.asarray(values)[order])
+    return SparseMatrix(values=values, rows=jnp.asarray(r64.astype(row_dtype)),
+                        cols=jnp.asarray(c64.astype(col_dtype)), shape=shape)
 
 
 def from_dense(w: jax.Array, mask: jax.Array | None = None, *,

