@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from admm_jax.core.tree import flat_paths
+from admm_jax.core.tree import flat_paths, path_str
 from admm_jax.training.lm import next_token_loss
 from admm_jax.training.step import merge_params, split_params
 
@@ -62,13 +62,7 @@ def _kernel_mask(params: dict, paths: Sequence[str]) -> dict:
     for path in wanted:
         if np.ndim(flat[path]) != 2:
             raise ValueError(f"{path!r} is not a 2-D kernel (shape {np.shape(flat[path])})")
-
-    def mark(tree, prefix):
-        if isinstance(tree, dict):
-            return {k: mark(v, f"{prefix}{k}/") for k, v in tree.items()}
-        return prefix[:-1] in wanted
-
-    return mark(params, "")
+    return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p) in wanted, params)
 
 
 def kernel_gradient_fn(graphdef: nnx.GraphDef, params: dict, paths: Sequence[str], *,
