@@ -64,7 +64,7 @@ from admm_jax.training import (
     adamw,
     default_optimizer,
     load_model,
-    lr_schedule,
+    relative_lr_schedule,
     train,
 )
 from admm_jax.training.checkpoint import save_model
@@ -210,8 +210,7 @@ def elsa_optimizer(cfg: ElsaConfig, method: str, sparsity: float,
     if method == "elsa-paper":
         return optax.chain(clip, elsa(sparsity, cfg.paper_rho, coupling="gradient", **common),
                            adamw(cfg.train))
-    schedule = lr_schedule(cfg.train)
-    pull = (lambda count: schedule(count) / opt.lr) if cfg.decoupled_schedule == "lr" else 1.0
+    pull = relative_lr_schedule(cfg.train) if cfg.decoupled_schedule == "lr" else 1.0
     scope = "global" if method == "elsa-global" else "tensor"
     return optax.chain(clip, elsa(sparsity, cfg.rho, scope=scope, coupling="decoupled",
                                   base=adamw(cfg.train), decoupled_lr=pull, **common))

@@ -57,7 +57,13 @@ from admm_jax.salaad.surrogate import (
     reconstruct,
     save_surrogate,
 )
-from admm_jax.training import OptimizerConfig, TrainConfig, adamw, train
+from admm_jax.training import (
+    OptimizerConfig,
+    TrainConfig,
+    adamw,
+    relative_lr_schedule,
+    train,
+)
 from admm_jax.training.checkpoint import resolve_checkpoint_dir
 from admm_jax.training.lm import make_nll_sum, next_token_loss, perplexity
 from experiments.cli import parse_config, to_dict
@@ -101,6 +107,10 @@ class SalaadConfig:
     """Subspace-iteration rank cap as a fraction of min(rows, cols)."""
     coupling: Literal["gradient", "decoupled"] = "decoupled"
     """Add ρ(X − Z + U) to the gradient before AdamW, or pull X toward Z after AdamW."""
+    decoupled_schedule: Literal["lr", "constant"] = "constant"
+    """η_t of the decoupled pull η_t·ρ(X − Z + U): 'constant' = 1, 'lr' = the learning-rate
+    schedule divided by its peak, so the pull keeps its ratio to AdamW's step (which bounds how
+    hard the loss can hold a thresholded entry, ≈ lr_t per step) through warm-up and decay."""
     rho_scaling: Literal["none", "shape"] = "none"
     """'shape': SALAAD's law ρ_b = RHO / (n_layers·√(m·n)) per block."""
     ramp_factor: float = 5.0
@@ -188,7 +198,9 @@ def salaad_optimizer(cfg: SalaadConfig, n_layers: int,
                       svd=cfg.svd,
                       rank_cap_ratio=cfg.rank_cap_ratio, init_rank_ratio=cfg.init_rank_ratio,
                       rho_scaling=cfg.rho_scaling, n_layers=n_layers, rho_schedule=ramp,
-                      coupling=cfg.coupling, halt_on_nonfinite=True)
+                      coupling=cfg.coupling, halt_on_nonfinite=True,
+                      decoupled_lr=relative_lr_schedule(cfg.train)
+                      if cfg.decoupled_schedule == "lr" else 1.0)
     clip = optax.clip_by_global_norm(cfg.train.optimizer.grad_clip)
     if cfg.coupling == "decoupled":  # pull after the base optimizer, like decoupled decay
         return optax.chain(clip, adamw(cfg.train), induce)

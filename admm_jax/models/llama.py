@@ -341,10 +341,30 @@ def init_params(config: LlamaConfig, key: Array, *,
 
 def abstract_params(config: LlamaConfig, *,
                     linear: LinearFactory = dense_linear) -> tuple[nnx.GraphDef, dict]:
-    """Like :func:`init_params` but with ``jax.ShapeDtypeStruct`` leaves (no allocation)."""
-    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(params=0), linear=linear))
-    graphdef, state = nnx.split(model)
+    """Like :func:`init_params` but with ``jax.ShapeDtypeStruct`` leaves (no allocation).
+
+    Each projection is traced on its own (:func:`_traced_alone`): flax records every RNG draw
+    under a trace at a cost linear in the trace so far, so one trace of the whole model grows
+    quadratically with its size (minutes for a compact SmolLM2)."""
+
+    def build():
+        model = Llama(config, rngs=nnx.Rngs(params=0), linear=_traced_alone(linear))
+        model.linear_factory = linear
+        return model
+
+    graphdef, state = nnx.split(nnx.eval_shape(build))
     return graphdef, nnx.to_pure_dict(state)
+
+
+def _traced_alone(linear: LinearFactory) -> LinearFactory:
+    """``linear`` built in a trace of its own, its leaves handed to the enclosing trace as zeros
+    of the same shapes and dtypes (so only shapes flow out; values are never meant to)."""
+
+    def factory(spec: LinearSpec, cfg: LlamaConfig, rngs: nnx.Rngs) -> nnx.Module:
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: linear(spec, cfg, nnx.Rngs(params=0))))
+        return nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
+
+    return factory
 
 
 def forward(graphdef: nnx.GraphDef, params: dict, tokens: Array) -> Array:

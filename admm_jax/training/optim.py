@@ -17,6 +17,14 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
         decay_steps=max(cfg.steps, warmup + 1), end_value=opt.lr * opt.min_lr_ratio)
 
 
+def relative_lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """``η_t = lr_t / lr``: :func:`lr_schedule` as a fraction of its peak (warm-up, then cosine to
+    ``min_lr_ratio``) — the clock of a decoupled ADMM pull that follows the learning rate, as
+    decoupled weight decay does."""
+    schedule = lr_schedule(cfg)
+    return lambda count: schedule(count) / cfg.optimizer.lr
+
+
 def adamw(cfg: TrainConfig) -> optax.GradientTransformation:
     """AdamW with the schedule of :func:`lr_schedule`; no decay on 1-D params (norm scales)."""
     opt = cfg.optimizer
