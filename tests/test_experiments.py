@@ -12,6 +12,7 @@ from admm_jax.core import path_str
 from admm_jax.data import corpus_meta, prepare_corpus
 from admm_jax.models.compact import dense_params
 from admm_jax.models.llama import LlamaConfig, init_params
+from admm_jax.training import OptimizerConfig, TrainConfig
 from admm_jax.training.checkpoint import load_model, save_model
 from experiments import deploy, elsa_cache, evaluate, salaad, salaad_pretrained
 from experiments import elsa as elsa_experiment
@@ -25,6 +26,23 @@ def write_texts(root, n_docs=6, seed=0):
     for d in range(n_docs):
         (root / f"doc{d}.txt").write_text(" ".join(rng.choice(words, 2500)) + "\n")
     return root
+
+
+def test_salaad_decoupled_pull_follows_the_lr_schedule_when_asked():
+    """With zero gradients AdamW moves nothing, so the first update is the pull alone: η₀·ρ·(X −
+    Z + U) with Z = L₀ (a rank-15 % truncation, not X) — zero under the warm-up's η₀ = 0, not
+    under a constant η."""
+    params = {"kernel": jax.random.normal(jax.random.key(0), (24, 16))}
+    grads = jax.tree.map(np.zeros_like, params)
+    train = TrainConfig(steps=10, optimizer=OptimizerConfig(lr=1e-3, warmup_steps=3))
+
+    def first_update(schedule):
+        cfg = salaad.SalaadConfig(decoupled_schedule=schedule, ramp_factor=1.0, train=train)
+        tx = salaad.salaad_optimizer(cfg, n_layers=1, mask="kernel")
+        return tx.update(grads, tx.init(params), params)[0]["kernel"]
+
+    assert float(np.abs(first_update("constant")).max()) > 1e-3
+    np.testing.assert_array_equal(first_update("lr"), 0.0)
 
 
 def test_salaad_experiment_end_to_end(tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ from admm_jax.training import (
     merge_params,
     next_token_loss,
     per_client_loss,
+    relative_lr_schedule,
     split_params,
     train,
     trainable_mask,
@@ -165,6 +166,14 @@ def test_split_merge_round_trip_and_bad_selections():
         make_train_step(graphdef, optax.sgd)
     with pytest.raises(TypeError, match="loss_fn"):
         make_train_step(graphdef, optax.sgd(0.1), loss_fn="ce")
+
+
+def test_relative_lr_schedule_is_the_lr_schedule_over_its_peak():
+    cfg = TrainConfig(steps=20, optimizer=OptimizerConfig(lr=3e-3, warmup_steps=4,
+                                                          min_lr_ratio=0.25))
+    eta = relative_lr_schedule(cfg)
+    np.testing.assert_allclose([float(eta(t)) for t in (0, 2, 4, 20)], [0.0, 0.5, 1.0, 0.25],
+                               rtol=1e-5, atol=1e-7)
 
 
 def test_per_client_loss_gives_each_client_its_own_gradient():
