@@ -31,6 +31,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Literal
 
 import jax
 import numpy as np
@@ -80,8 +81,19 @@ class PretrainedConfig(SalaadConfig):
     results: str = "results/salaad-smollm2.md"
     transfer_corpus: str = "kjv"
     """Second evaluation domain (validation documents only); '' = none."""
-    rho: float = 0.05
-    ramp_factor: float = 5.0
+    rho: float = 0.02
+    """The decoupled pull, with ``decoupled_schedule="lr"``: the loss can hold an entry against
+    the pull's shrinkage ρ·τ (τ the entry threshold) only while ρ·τ stays below AdamW's step,
+    ≈ lr per step, so ρ is set with the learning rate (results/README.md, "Reading the
+    SALAAD-on-SmolLM2 run")."""
+    decoupled_schedule: Literal["lr", "constant"] = "lr"
+    """The pull follows AdamW's schedule (chosen over 'constant' on training loss)."""
+    interval: int = 4
+    """A stage 2 every 4 steps (CPU time: every 2 ran at 30–45 s per step)."""
+    rank_cap_ratio: float = 0.3
+    """Subspace-iteration rank cap (CPU time; the measured rank ratio saturates at it)."""
+    ramp_factor: float = 1.0
+    """No ρ ramp: a ×5 ramp at lr 1e-4 diverged (results/salaad-smollm2-ramp5-diverged.csv)."""
     ramp_center: float = 100.0
     ramp_width: float = 10.0
     budgets: str = "0.3,0.5,0.7,0.9"
@@ -97,8 +109,10 @@ class PretrainedConfig(SalaadConfig):
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
         steps=150, batch_size=4, seq_len=128, log_every=5, eval_every=150, eval_batches=4,
         checkpoint_every=150, keep_checkpoints=1, optimizer=OptimizerConfig(
-            lr=1e-4, min_lr_ratio=0.1, warmup_steps=10, weight_decay=0.0)))
-    """Loop and AdamW of both trained models (SALAAD and dense+ft): the ELSA experiment's."""
+            lr=1e-3, min_lr_ratio=0.1, warmup_steps=10, weight_decay=0.0)))
+    """Loop and AdamW of both trained models (SALAAD and dense+ft): the ELSA experiment's, at
+    lr 1e-3 instead of 1e-4 (at 1e-4 the loss cannot resist the thresholds and SALAAD
+    collapsed: results/salaad-smollm2-rho-constant-collapsed.csv)."""
 
     def __post_init__(self):
         super().__post_init__()
