@@ -22,7 +22,9 @@ Methods:
 
 * :mod:`admm_jax.salaad` — :func:`slr_admm`, :class:`ControllerConfig`, :func:`slr_components`,
   and elastic deployment (:func:`allocate`, :func:`deploy`);
-* :mod:`admm_jax.elsa` — :func:`elsa`, :func:`finalize`, :func:`masked_updates`.
+* :mod:`admm_jax.elsa` — :func:`elsa`, :func:`finalize`, :func:`masked_updates`;
+* :mod:`admm_jax.pisa` — :func:`pisa`, :func:`sisa`, :func:`nsisa` (consensus ADMM over a
+  client axis).
 """
 
 from admm_jax.core import (
@@ -36,6 +38,7 @@ from admm_jax.core import (
     state_memory,
 )
 from admm_jax.elsa import elsa, finalize, masked_updates
+from admm_jax.pisa import nsisa, pisa, sisa
 from admm_jax.pruning import prune, register_pruner
 from admm_jax.salaad import ControllerConfig, allocate, deploy, slr_admm, slr_components
 
@@ -54,9 +57,12 @@ __all__ = [
     "elsa",
     "finalize",
     "masked_updates",
+    "nsisa",
+    "pisa",
     "prune",
     "register_pruner",
     "rho_ramp",
+    "sisa",
     "slr_admm",
     "slr_components",
     "state_memory",

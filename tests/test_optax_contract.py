@@ -1,4 +1,4 @@
-"""The optax contract, for every transform of the library (after optax's
+"""The optax contract, for every transform and optimizer of the library (after optax's
 ``contrib/_common_test.py``): extra update arguments, no recompilation, ``optax.tree.map_params``,
 dtype preservation and ``lax.cond`` stability for bf16 / f32 params, ``optax.MultiSteps``
 micro-steps, ``optax.inject_hyperparams`` and convergence on a small matrix problem.
@@ -9,6 +9,9 @@ problem below (``"w"`` is the constrained matrix, ``"b"`` a free bias), the argu
 runs in: ``"gradient"`` is ``chain(transform, adam)``, ``"decoupled"`` is
 ``transform(coupling="decoupled", base=adam)`` and ``"decoupled_chained"`` is
 ``chain(adam, transform(coupling="decoupled"))`` (only for splits without a curvature).
+
+The consensus optimizers (PISA / SISA / NSISA) carry a client axis; they join through
+:data:`CONSENSUS_CASES`, each run on ``M`` identical clients of the same problem.
 """
 
 from collections.abc import Callable
@@ -22,6 +25,7 @@ import pytest
 
 from admm_jax.core import admm_metrics, admm_state, block_states
 from admm_jax.elsa import elsa
+from admm_jax.pisa import nsisa, pisa, sisa, stack_clients
 from admm_jax.salaad import ControllerConfig, slr_admm
 
 LR = 0.05
@@ -244,3 +248,132 @@ def test_converges_on_a_small_matrix_problem(case, coupling):
     assert float(loss_fn(params)) < 0.05 * first
     assert int(admm_state(state).nonfinite) == 0
     case.converged(state, params)
+
+
+# --- the optax contract, with a fixed client count -------------------------------------------
+# The contract problem has params without a client axis; each case runs the optimizer on
+# ``M`` identical clients (every client sees the same gradient) and returns row 0.
+
+M = 2
+#: (name, constructor, arguments for the contract problem, what inject_hyperparams keeps static)
+CONSENSUS_CASES = [
+    ("pisa", pisa, dict(sigma=2.0, rho=1.0), ("sigma_interval",)),
+    ("sisa", sisa, dict(sigma=2.0, rho=10.0), ("sigma_interval",)),
+    ("sisa_momentum", sisa, dict(sigma=5.0, rho=10.0, momentum=0.9), ("sigma_interval",)),
+    ("nsisa", nsisa, dict(sigma=2.0, rho=10.0), ("sigma_interval", "ns_steps")),
+]
+consensus_contract = pytest.mark.parametrize(
+    "factory, kwargs, static", [c[1:] for c in CONSENSUS_CASES],
+    ids=[c[0] for c in CONSENSUS_CASES])
+
+
+def fixed_clients(tx, m=M):
+    """``tx`` over ``m`` identical clients, as a transform of unstacked params."""
+    def init(params):
+        return tx.init(stack_clients(params, m))
+
+    def update(grads, state, params=None, **extra):
+        updates, state = tx.update(stack_clients(grads, m), state, stack_clients(params, m),
+                                   **extra)
+        return jax.tree_util.tree_map(lambda u: u[0], updates), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _count(state):
+    found = [x for x in jax.tree_util.tree_leaves(
+        state, is_leaf=lambda x: hasattr(x, "dual")) if hasattr(x, "dual")]
+    assert len(found) == 1
+    return found[0].count
+
+
+@consensus_contract
+def test_contract_extra_args_and_no_recompilation(factory, kwargs, static):
+    opt, traces = fixed_clients(factory(**kwargs)), []
+
+    @jax.jit
+    def step(params, state):
+        traces.append(1)
+        updates, state = opt.update(jax.grad(loss_fn)(params), state, params,
+                                    unexpected_extra_args_your_optimizer_doesnt_expect=1)
+        return optax.apply_updates(params, updates), state
+
+    params, state = init_params(), opt.init(init_params())
+    for _ in range(SHORT):
+        params, state = step(params, state)
+    assert len(traces) == 1 and int(_count(state)) == SHORT
+
+
+@consensus_contract
+def test_contract_map_params(factory, kwargs, static):
+    opt = fixed_clients(factory(**kwargs))
+    state = opt.init(init_params())
+    same = optax.tree.map_params(opt, lambda v: v, state)
+    assert jax.tree_util.tree_structure(same) == jax.tree_util.tree_structure(state)
+    specs = optax.tree.map_params(opt, lambda v: "spec", state,
+                                  transform_non_params=lambda _: None)
+    assert specs.count is None and set(jax.tree_util.tree_leaves(specs.dual)) == {"spec"}
+
+
+@consensus_contract
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_contract_dtypes_under_cond_and_multisteps(factory, kwargs, static, dtype):
+    opt = fixed_clients(factory(**kwargs))
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(loss_fn)(params)
+        take = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
+        return jax.lax.cond(take, lambda: opt.update(grads, state, params),
+                            lambda: (jax.tree_util.tree_map(jnp.zeros_like, params), state))
+
+    params = init_params(dtype)
+    state = jax.jit(opt.init)(params)
+    dtypes = [x.dtype for x in jax.tree_util.tree_leaves(state)]
+    for _ in range(SHORT):
+        updates, state = step(params, state)
+        params = optax.apply_updates(params, updates)
+        assert {u.dtype for u in jax.tree_util.tree_leaves((updates, params))} == {jnp.dtype(dtype)}
+        assert [x.dtype for x in jax.tree_util.tree_leaves(state)] == dtypes
+    multi = optax.MultiSteps(opt, every_k_schedule=4)
+    updates, _ = jax.jit(multi.update)(jax.grad(loss_fn)(params), multi.init(params), params)
+    for u in jax.tree_util.tree_leaves(updates):
+        assert u.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(u, np.float32), 0.0)
+
+
+@consensus_contract
+def test_contract_inject_hyperparams(factory, kwargs, static):
+    plain = fixed_clients(factory(**kwargs))
+    injected = fixed_clients(optax.inject_hyperparams(factory, static_args=static)(**kwargs))
+    runs = []
+    for opt in (plain, injected):
+        params, state = init_params(), jax.jit(opt.init)(init_params())
+        step = jax.jit(lambda p, s, opt=opt: opt.update(jax.grad(loss_fn)(p), s, p))
+        for _ in range(SHORT):
+            updates, state = step(params, state)
+            params = optax.apply_updates(params, updates)
+        runs.append((params, state))
+    assert "sigma" in runs[1][1].hyperparams and "rho" in runs[1][1].hyperparams
+    for a, b in zip(leaves(runs[0]), leaves((runs[1][0], runs[1][1].inner_state))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@consensus_contract
+def test_contract_converges(factory, kwargs, static):
+    opt = fixed_clients(factory(**kwargs))
+
+    @jax.jit
+    def run(params, state):
+        def step(carry, _):
+            params, state = carry
+            updates, state = opt.update(jax.grad(loss_fn)(params), state, params)
+            return (optax.apply_updates(params, updates), state), None
+
+        return jax.lax.scan(step, (params, state), length=STEPS)[0]
+
+    params = init_params()
+    first = float(loss_fn(params))
+    params, state = run(params, opt.init(params))
+    assert float(loss_fn(params)) < 0.05 * first
+    assert all(np.isfinite(x).all() for x in leaves(state))
