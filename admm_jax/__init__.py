@@ -23,6 +23,8 @@ Methods:
 * :mod:`admm_jax.salaad` — :func:`slr_admm`, :class:`ControllerConfig`, :func:`slr_components`,
   and elastic deployment (:func:`allocate`, :func:`deploy`);
 * :mod:`admm_jax.elsa` — :func:`elsa`, :func:`finalize`, :func:`masked_updates`;
+* :mod:`admm_jax.spap` — structured GLU pruning registered as one-shot methods (``"spap"``,
+  ``"mag-neuron"``, ``"flap"``, ``"wanda-neuron"``), :func:`global_prune`, :func:`shrink_mlp`;
 * :mod:`admm_jax.pisa` — :func:`pisa`, :func:`sisa`, :func:`nsisa` (consensus ADMM over a
   client axis).
 """
@@ -41,6 +43,7 @@ from admm_jax.elsa import elsa, finalize, masked_updates
 from admm_jax.pisa import nsisa, pisa, sisa
 from admm_jax.pruning import prune, register_pruner
 from admm_jax.salaad import ControllerConfig, allocate, deploy, slr_admm, slr_components
+from admm_jax.spap import global_prune, shrink_mlp
 
 __version__ = "0.1.0"
 
@@ -56,12 +59,14 @@ __all__ = [
     "deploy",
     "elsa",
     "finalize",
+    "global_prune",
     "masked_updates",
     "nsisa",
     "pisa",
     "prune",
     "register_pruner",
     "rho_ramp",
+    "shrink_mlp",
     "sisa",
     "slr_admm",
     "slr_components",

@@ -217,7 +217,7 @@ def _options(pruner: Pruner, options: dict[str, Any]) -> dict[str, Any]:
 
 def prune(model: LlamaConfig | nnx.GraphDef, params: dict, calibration: Any = None, *,
           method: str = "magnitude", sparsity: float = 0.5,
-          structure: StructureSpec = "unstructured", batch_size: int = 8, verbose: bool = True,
+          structure: StructureSpec | None = None, batch_size: int = 8, verbose: bool = True,
           **method_options: Any) -> tuple[dict, dict[str, Array]]:
     """One-shot pruning of every decoder-block linear of a LLaMA model with a registered method.
 
@@ -235,7 +235,8 @@ def prune(model: LlamaConfig | nnx.GraphDef, params: dict, calibration: Any = No
         sparsity: fraction of zeros in ``[0, 1)`` (ignored for ``N:M``).
         structure: ``"unstructured"``, ``"N:M"`` (e.g. ``"2:4"``) or ``"channel"``, or the value
             (:class:`~admm_jax.ops.structures.NM` ``(2, 4)``, ...); must be one the method
-            supports.
+            supports. Default: unstructured, or the method's first structure where it has no
+            unstructured one (SPAP's ``channel``).
         batch_size: calibration samples per forward pass.
         verbose: progress bar on stderr.
         **method_options: the method's own options (see ``PRUNERS[method].defaults``), e.g.
@@ -249,6 +250,9 @@ def prune(model: LlamaConfig | nnx.GraphDef, params: dict, calibration: Any = No
     pruner = get_pruner(method)
     config = resolve_config(model, params)
     sparsity = check_real("sparsity", sparsity, low=0.0, high=1.0, high_open=True)
+    if structure is None:  # the method's natural structure: unstructured where it has one
+        structure = Unstructured() if Unstructured in pruner.structures else \
+            pruner.structures[0]()
     structure = supported_structure(pruner, structure)
     _check_model_structure(config, params, structure)
     options = _options(pruner, method_options)
