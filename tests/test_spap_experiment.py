@@ -1,0 +1,48 @@
+"""experiments.spap end to end on a nano checkpoint: every row finite and shrunk to the
+requested widths, the saved SPAP model evaluable on its own, the speed rows against dense."""
+
+import jax
+import numpy as np
+from test_experiments import write_texts
+
+from admm_jax.data import prepare_corpus
+from admm_jax.models.llama import LlamaConfig, init_params
+from admm_jax.training.checkpoint import save_model
+from experiments import evaluate, spap
+
+
+def test_spap_experiment_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADMM_JAX_CACHE", str(tmp_path / "cache"))
+    texts, other = write_texts(tmp_path / "texts"), write_texts(tmp_path / "other", seed=1)
+    corpus = prepare_corpus(str(texts), vocab_size=300)
+    config = LlamaConfig.preset("nano", vocab_size=300)
+    _, params = init_params(config, jax.random.key(0))
+    save_model(tmp_path / "base", params, model_config=config, tokenizer=corpus.tokenizer)
+    argv = ["--checkpoint", str(tmp_path / "base"), "--corpus", str(texts),
+            "--transfer_corpus", str(other), "--runs_root", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "spap.md"), "--sparsities", "0.25,0.5",
+            "--methods", "spap,spap-global,mag-neuron,mag-neuron+refit,flap", "--n_calibration",
+            "8", "--calibration_len", "32", "--eval_seq_len", "32", "--eval_batches", "2",
+            "--bench_tokens", "16", "--bench_repeats", "2"]
+    result = spap.main(argv)
+    n = config.mlp_dim
+    dense = result["rows"]["dense"]["params"]
+    for s in (0.25, 0.5):
+        kept = n - round(s * n)
+        for m in ("spap", "spap-global", "mag-neuron", "mag-neuron+refit", "flap"):
+            row = result["rows"][f"{m}@{s:g}"]
+            assert np.isfinite(row["ppl"]) and np.isfinite(row["transfer_ppl"])
+            if m == "spap-global":  # one budget for the model: widths vary, the total does not
+                assert abs(sum(row["mlp_dims"]) - config.n_layers * kept) <= config.n_layers
+            else:
+                assert row["mlp_dims"] == [kept] * config.n_layers
+            # three MLP kernels of dim × width per block are all that shrink
+            assert row["params"] == dense - 3 * config.dim * (config.n_layers * n
+                                                              - sum(row["mlp_dims"]))
+    speed = {r["model"]: r for r in result["speed"]}
+    assert set(speed) == {"dense", "spap@0.25", "spap@0.5"}
+    assert speed["spap@0.5"]["flops"] < speed["spap@0.25"]["flops"] < speed["dense"]["flops"]
+    ppl = evaluate.main(["--checkpoint", str(tmp_path / "runs" / "spap-smollm2" / "spap-0.5"),
+                         "--corpus", str(other), "--seq_len", "32", "--max_batches", "2"])
+    assert np.isfinite(ppl)
+    assert "| 50% |" in (tmp_path / "spap.md").read_text()
