@@ -213,8 +213,8 @@ def test_salaad_pretrained_experiment_end_to_end(tmp_path, monkeypatch):
             "--calibration_len", "32", "--eval_seq_len", "32", "--eval_batches", "2",
             "--train.steps", "4", "--train.seq_len", "32", "--train.log_every", "2",
             "--train.eval_every", "4", "--train.checkpoint_every", "4", "--ramp_center", "2",
-            "--ramp_width", "1"]
-    result = salaad_pretrained.main(argv)
+            "--ramp_width", "1", "--interval", "2"]  # a stage 2 within 4 steps: a dense S, so
+    result = salaad_pretrained.main(argv)       # both budgets truncate the surrogate
     labels = ["salaad-hpa", "salaad-sensitivity", "rpca-hpa", "rpca-sensitivity",
               "rpca+ft-hpa", "rpca+ft-sensitivity", "sparsegpt"]
     assert result["labels"] == labels
