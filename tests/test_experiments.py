@@ -28,6 +28,19 @@ def write_texts(root, n_docs=6, seed=0):
     return root
 
 
+def nano_checkpoint(tmp_path, monkeypatch):
+    """A random nano model saved as a checkpoint with the tokenizer of a small corpus:
+    ``(checkpoint dir, corpus dir, second-domain dir, config)``."""
+    monkeypatch.setenv("ADMM_JAX_CACHE", str(tmp_path / "cache"))
+    texts = write_texts(tmp_path / "texts")
+    other = write_texts(tmp_path / "other", seed=1)
+    corpus = prepare_corpus(str(texts), vocab_size=300)
+    config = LlamaConfig.preset("nano", vocab_size=300)
+    _, params = init_params(config, jax.random.key(0))
+    save_model(tmp_path / "base", params, model_config=config, tokenizer=corpus.tokenizer)
+    return tmp_path / "base", texts, other, config
+
+
 def test_salaad_decoupled_pull_follows_the_lr_schedule_when_asked():
     """With zero gradients AdamW moves nothing, so the first update is the pull alone: η₀·ρ·(X −
     Z + U) with Z = L₀ (a rank-15 % truncation, not X) — zero under the warm-up's η₀ = 0, not
@@ -199,14 +212,8 @@ def test_elsa_experiment_end_to_end(tmp_path, monkeypatch):
 def test_salaad_pretrained_experiment_end_to_end(tmp_path, monkeypatch):
     """SALAAD continued from a (nano) checkpoint against post-hoc RPCA with and without the same
     training and SparseGPT: every row at equal parameter counts, finite, cached."""
-    monkeypatch.setenv("ADMM_JAX_CACHE", str(tmp_path / "cache"))
-    texts = write_texts(tmp_path / "texts")
-    other = write_texts(tmp_path / "other", seed=1)
-    corpus = prepare_corpus(str(texts), vocab_size=300)
-    config = LlamaConfig.preset("nano", vocab_size=300)
-    _, params = init_params(config, jax.random.key(0))
-    save_model(tmp_path / "base", params, model_config=config, tokenizer=corpus.tokenizer)
-    argv = ["--checkpoint", str(tmp_path / "base"), "--corpus", str(texts),
+    base, texts, other, _ = nano_checkpoint(tmp_path, monkeypatch)
+    argv = ["--checkpoint", str(base), "--corpus", str(texts),
             "--transfer_corpus", str(other), "--runs_root", str(tmp_path / "runs"),
             "--results", str(tmp_path / "out.md"), "--budgets", "0.4,0.8",
             "--rpca_max_iter", "10", "--fisher_windows", "2", "--n_calibration", "4",

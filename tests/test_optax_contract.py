@@ -108,6 +108,20 @@ def transform_state(state, coupling: str):
             "decoupled_chained": lambda: state[1]}[coupling]()
 
 
+def train_steps(opt, params, state, steps=STEPS):
+    """``steps`` steps of ``opt`` on :func:`loss_fn` under one jitted ``lax.scan``."""
+    @jax.jit
+    def run(params, state):
+        def step(carry, _):
+            params, state = carry
+            updates, state = opt.update(jax.grad(loss_fn)(params), state, params)
+            return (optax.apply_updates(params, updates), state), None
+
+        return jax.lax.scan(step, (params, state), length=steps)[0]
+
+    return run(params, state)
+
+
 def init_params(dtype=jnp.float32):
     return {"w": jnp.full((16, 12), 0.1, dtype), "b": jnp.zeros((12,), dtype)}
 
@@ -234,17 +248,8 @@ def test_converges_on_a_small_matrix_problem(case, coupling):
     opt = make_optimizer(case, coupling, lr=optax.cosine_decay_schedule(LR, STEPS))
     params, state = init_params(), opt.init(init_params())
 
-    @jax.jit
-    def run(params, state):
-        def step(carry, _):
-            params, state = carry
-            updates, state = opt.update(jax.grad(loss_fn)(params), state, params)
-            return (optax.apply_updates(params, updates), state), None
-
-        return jax.lax.scan(step, (params, state), length=STEPS)[0]
-
     first = float(loss_fn(params))
-    params, state = run(params, state)
+    params, state = train_steps(opt, params, state)
     assert float(loss_fn(params)) < 0.05 * first
     assert int(admm_state(state).nonfinite) == 0
     case.converged(state, params)
@@ -363,17 +368,8 @@ def test_contract_inject_hyperparams(factory, kwargs, static):
 def test_contract_converges(factory, kwargs, static):
     opt = fixed_clients(factory(**kwargs))
 
-    @jax.jit
-    def run(params, state):
-        def step(carry, _):
-            params, state = carry
-            updates, state = opt.update(jax.grad(loss_fn)(params), state, params)
-            return (optax.apply_updates(params, updates), state), None
-
-        return jax.lax.scan(step, (params, state), length=STEPS)[0]
-
     params = init_params()
     first = float(loss_fn(params))
-    params, state = run(params, opt.init(params))
+    params, state = train_steps(opt, params, opt.init(params))
     assert float(loss_fn(params)) < 0.05 * first
     assert all(np.isfinite(x).all() for x in leaves(state))

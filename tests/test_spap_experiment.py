@@ -1,24 +1,15 @@
 """experiments.spap end to end on a nano checkpoint: every row finite and shrunk to the
 requested widths, the saved SPAP model evaluable on its own, the speed rows against dense."""
 
-import jax
 import numpy as np
-from test_experiments import write_texts
+from test_experiments import nano_checkpoint
 
-from admm_jax.data import prepare_corpus
-from admm_jax.models.llama import LlamaConfig, init_params
-from admm_jax.training.checkpoint import save_model
 from experiments import evaluate, spap
 
 
 def test_spap_experiment_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADMM_JAX_CACHE", str(tmp_path / "cache"))
-    texts, other = write_texts(tmp_path / "texts"), write_texts(tmp_path / "other", seed=1)
-    corpus = prepare_corpus(str(texts), vocab_size=300)
-    config = LlamaConfig.preset("nano", vocab_size=300)
-    _, params = init_params(config, jax.random.key(0))
-    save_model(tmp_path / "base", params, model_config=config, tokenizer=corpus.tokenizer)
-    argv = ["--checkpoint", str(tmp_path / "base"), "--corpus", str(texts),
+    base, texts, other, config = nano_checkpoint(tmp_path, monkeypatch)
+    argv = ["--checkpoint", str(base), "--corpus", str(texts),
             "--transfer_corpus", str(other), "--runs_root", str(tmp_path / "runs"),
             "--results", str(tmp_path / "spap.md"), "--sparsities", "0.25,0.5",
             "--methods", "spap,spap-global,mag-neuron,mag-neuron+refit,flap", "--n_calibration",
