@@ -232,7 +232,7 @@ def scale_by_pisa(preconditioner: Preconditioner, sigma: Sigma, rho: float, *,
     def init_fn(params):
         zeros = functools.partial(jax.tree_util.tree_map,
                                   lambda p: jnp.zeros(p.shape, jnp.float32))
-        if jax.tree_util.tree_leaves(params):  # not optax.tree.map_params' placeholder
+        if jax.tree_util.tree_leaves(params):  # checks skipped for map_params' leafless probe
             m = check_clients(params=params)
             _client_sigma(jnp.asarray(sigma), m)
             if mesh is not None:
