@@ -24,7 +24,10 @@ saved as a checkpoint (``runs/<name>/spap-<s>/``, loadable by ``python -m experi
 batch 1 × ``bench_tokens``; the FLOP ratio is XLA's cost analysis of the same forwards, so
 ``speed-up / FLOP ratio`` says how much of the saved arithmetic becomes time.
 
-Rows are cached per (method, sparsity) in ``runs/<name>/rows/``.
+Rows are cached per (method, sparsity) in ``runs/<name>/rows/`` (``--rows_dir`` elsewhere, e.g.
+a committed folder, so that the sweep resumes on another machine; the speed comparison then
+times models of the same widths when a SPAP checkpoint was not kept, see
+:func:`shrunk_checkpoint`).
 """
 
 from __future__ import annotations
@@ -79,6 +82,9 @@ class SpapConfig:
     bench_tokens: str = "1,512"
     """Sequence lengths (batch 1) of the speed comparison."""
     bench_repeats: int = 10
+    rows_dir: str = ""
+    """Directory of the per-(method, sparsity) row cache; empty = ``runs/<name>/rows``. Point it
+    at a committed folder to resume the sweep on another machine."""
 
     def __post_init__(self):
         for s in _floats(self.sparsities):
@@ -137,7 +143,8 @@ class Context:
                                                cfg.calibration_len, seed=0)
         self.key = {k: v for k, v in to_dict(cfg).items()
                     if k not in ("name", "runs_root", "results", "sparsities", "methods",
-                                 "bench_tokens", "bench_repeats")}
+                                 "bench_tokens", "bench_repeats", "rows_dir")}
+        self.rows = Path(cfg.rows_dir) if cfg.rows_dir else self.root / "rows"
 
     def perplexities(self, config, params) -> dict[str, float]:
         nll_sum = make_nll_sum(abstract_params(config)[0])
@@ -167,16 +174,35 @@ def row(ctx: Context, method: str, sparsity: float) -> dict:
               file=sys.stderr, flush=True)
         return out
 
-    path = ctx.root / "rows" / f"{method}-{sparsity:g}.json"
+    path = ctx.rows / f"{method}-{sparsity:g}.json"
     return cached_row(path, {**ctx.key, "method": method, "sparsity": sparsity}, compute)
 
 
+def _saved(directory: Path) -> bool:
+    return (directory / "model.json").exists() or any(directory.glob("*/model.json"))
+
+
+def shrunk_checkpoint(ctx: Context, sparsity: float) -> Path:
+    """The uniform SPAP checkpoint of ``sparsity`` (saved by its row), or — when that row came
+    from the cache without its checkpoint — a model of the same widths from the magnitude
+    selection (``mag-neuron``, seconds instead of SPAP's minutes): the forward's time, memory and
+    FLOPs depend on the widths only."""
+    spap = ctx.root / f"spap-{sparsity:g}"
+    if _saved(spap):
+        return spap
+    same_widths = ctx.root / f"widths-{sparsity:g}"
+    if not _saved(same_widths):
+        config, params = pruned_model(ctx.model, ctx.calibration, "mag-neuron", sparsity)
+        ctx.save(same_widths, config, params, {"widths_of": {"sparsity": sparsity}})
+    return same_widths
+
+
 def speed_rows(ctx: Context, sparsities: list[float]) -> list[dict]:
-    """Forward time, memory and FLOPs of the shrunk SPAP models against dense (one process)."""
+    """Forward time, memory and FLOPs of the shrunk uniform models against dense (one process)."""
     dense = ctx.root / "dense"
-    if not (dense / "model.json").exists() and not any(dense.glob("*/model.json")):
+    if not _saved(dense):
         ctx.save(dense, ctx.model.config, ctx.model.params, {})
-    models = {"dense": str(dense)} | {f"spap@{s:g}": str(ctx.root / f"spap-{s:g}")
+    models = {"dense": str(dense)} | {f"spap@{s:g}": str(shrunk_checkpoint(ctx, s))
                                       for s in sparsities}
     tokens = [int(t) for t in _items(ctx.cfg.bench_tokens)]
     rows = bench_models(models, tokens, ctx.cfg.bench_repeats, warmup=2)
@@ -225,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(SpapConfig, argv)
     ctx = Context(cfg)
-    rows = {"dense": cached_row(ctx.root / "rows" / "dense.json", ctx.key, lambda: {
+    rows = {"dense": cached_row(ctx.rows / "dense.json", ctx.key, lambda: {
         **ctx.perplexities(ctx.model.config, ctx.model.params),
         "params": n_params(ctx.model.params)})}
     sparsities = _floats(cfg.sparsities)
