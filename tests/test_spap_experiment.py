@@ -1,6 +1,8 @@
 """experiments.spap end to end on a nano checkpoint: every row finite and shrunk to the
 requested widths, the saved SPAP model evaluable on its own, the speed rows against dense."""
 
+import shutil
+
 import numpy as np
 from test_experiments import nano_checkpoint
 
@@ -37,3 +39,12 @@ def test_spap_experiment_end_to_end(tmp_path, monkeypatch):
                          "--corpus", str(other), "--seq_len", "32", "--max_batches", "2"])
     assert np.isfinite(ppl)
     assert "| 50% |" in (tmp_path / "spap.md").read_text()
+
+    # rows resumed from a cache without their SPAP checkpoint: the speed part times a model of
+    # the same widths (same FLOPs), built by the magnitude selection
+    root = tmp_path / "runs" / "spap-smollm2"
+    shutil.rmtree(root / "spap-0.5")
+    again = {r["model"]: r for r in spap.main(argv)["speed"]}
+    assert (root / "widths-0.5" / "model.json").exists() or any(
+        (root / "widths-0.5").glob("*/model.json"))
+    assert again["spap@0.5"]["flops"] == speed["spap@0.5"]["flops"]
