@@ -322,6 +322,8 @@ def summary_markdown(cfg: FederatedConfig, cells: dict, command: str) -> str:
     out.append(markdown_table(["method", *kinds],
                               [[m, *[json.dumps(cells[k][m]["hp"]) for k in kinds]]
                                for m in methods]))
+    out.append("\nThe language-model experiment (SISA / NSISA against AdamW and Muon) is in "
+               "`pisa-lm.md` (`python -m experiments.pisa_lm`).\n")
     return "\n".join(out) + "\n"
 
 
