@@ -29,8 +29,10 @@ So all methods consume ``clients × batch_size × seq_len`` tokens per step and 
 Each method's hyperparameters are chosen from :data:`GRIDS` by the perplexity of the final model
 on the clients' tuning splits (train documents; the geometric mean over clients, so every client
 counts equally, as in the objective); the reported numbers are the perplexity on the held-out
-validation documents per source and their geometric mean (``mean``; equal token counts per source),
-with curves every ``eval_every`` steps. Rows are cached per setting in ``runs/<name>/rows/``.
+validation documents per source and their geometric mean (``mean``; equal token counts per
+source), with curves every ``eval_every`` steps. Rows are cached per setting in
+``runs/<name>/rows/`` (``--rows_dir`` elsewhere, e.g. a committed folder, to resume on another
+machine).
 """
 
 from __future__ import annotations
@@ -108,6 +110,9 @@ class LmConfig:
     """Batches of 8 × ``seq_len`` (at most) per client's tuning split, at the end of a run."""
     muon_adam_lr: float = 3e-3
     """Muon's AdamW learning rate for the leaves it does not orthogonalise."""
+    rows_dir: str = ""
+    """Directory of the per-setting row cache; empty = ``runs/<name>/rows``. Point it at a
+    committed folder to resume the grid on another machine."""
 
     def __post_init__(self):
         for name in ("clients_per_source", "steps", "batch_size", "seq_len", "eval_every",
@@ -309,14 +314,14 @@ def run(cfg: LmConfig, data: ClientData, method: str, hp: dict) -> dict:
             "finite": bool(np.isfinite(final["tune"]) and np.isfinite(final["mean"]))}
 
 
-def cell(cfg: LmConfig, data: ClientData, root: Path, method: str) -> dict:
+def cell(cfg: LmConfig, data: ClientData, rows_dir: Path, method: str) -> dict:
     """Every grid setting of ``method``; the one with the lowest tuning perplexity."""
     common = {k: v for k, v in to_dict(cfg).items()
-              if k not in ("name", "runs_root", "results", "methods")}
+              if k not in ("name", "runs_root", "results", "methods", "rows_dir")}
     rows = []
     for hp in GRIDS[method]:
         tag = "-".join(f"{k}{v:g}" for k, v in hp.items())
-        rows.append((hp, cached_row(root / "rows" / f"{method}-{tag}.json",
+        rows.append((hp, cached_row(rows_dir / f"{method}-{tag}.json",
                                     {**common, "method": method, "hp": hp},
                                     lambda hp=hp: run(cfg, data, method, hp))))
     score = [r["final"]["tune"] if r["finite"] else np.inf for _, r in rows]
@@ -368,7 +373,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(LmConfig, argv)
     root = run_dir(cfg.runs_root, cfg.name)
     data = client_data(cfg, LlamaConfig.preset(cfg.model).vocab_size)
-    cells = {method: cell(cfg, data, root, method) for method in _items(cfg.methods)}
+    rows_dir = Path(cfg.rows_dir) if cfg.rows_dir else root / "rows"
+    cells = {method: cell(cfg, data, rows_dir, method) for method in _items(cfg.methods)}
     summary = summary_markdown(cfg, data, cells, "python -m experiments.pisa_lm "
                                + shlex.join(argv))
     results = Path(cfg.results)
