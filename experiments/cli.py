@@ -133,3 +133,8 @@ def parse_config(cls: type[T], argv: list[str] | None = None, *,
 def to_dict(config) -> dict[str, Any]:
     """JSON-ready dict of a config dataclass."""
     return dataclasses.asdict(config)
+
+
+def csv_items(csv: str) -> list[str]:
+    """The non-empty, stripped items of a comma-separated option (``"a, b,"`` → ``["a", "b"]``)."""
+    return [s.strip() for s in csv.split(",") if s.strip()]

@@ -47,7 +47,7 @@ import optax
 
 from admm_jax._checks import check_int, check_real
 from admm_jax.pisa import client_value_and_grad, consensus_params, nsisa, pisa, sisa, stack_clients
-from experiments.cli import parse_config, to_dict
+from experiments.cli import csv_items, parse_config, to_dict
 from experiments.runs import cached_row, markdown_table, run_dir
 
 CONSENSUS = {"pisa": pisa, "sisa": sisa, "nsisa": nsisa}
@@ -92,16 +92,12 @@ class FederatedConfig:
         for name in ("test_fraction", "val_fraction"):
             check_real(name, getattr(self, name), low=0.0, high=1.0, low_open=True,
                        high_open=True)
-        for p in _items(self.partitions):
+        for p in csv_items(self.partitions):
             if p not in PARTITIONS:
                 raise ValueError(f"unknown partition {p!r}; choose from {PARTITIONS}")
-        for m in _items(self.methods):
+        for m in csv_items(self.methods):
             if m not in GRIDS:
                 raise ValueError(f"unknown method {m!r}; choose from {sorted(GRIDS)}")
-
-
-def _items(csv: str) -> list[str]:
-    return [s.strip() for s in csv.split(",") if s.strip()]
 
 
 class Split(NamedTuple):
@@ -298,7 +294,7 @@ def cell(cfg: FederatedConfig, split: Split, root: Path, kind: str, method: str
 
     tuning = [(hp, row(hp, 0)) for hp in GRIDS[method]]
     best_hp, _ = max(tuning, key=lambda t: float(np.mean(t[1]["val"][-3:])))
-    runs = [row(best_hp, int(s)) for s in _items(cfg.seeds)]
+    runs = [row(best_hp, int(s)) for s in csv_items(cfg.seeds)]
     final = [r["test"][-1] for r in runs]
     print(f"{kind:>9} {method:>7}: {best_hp} test {np.mean(final):.3f} ± {np.std(final):.3f}",
           file=sys.stderr, flush=True)
@@ -307,7 +303,7 @@ def cell(cfg: FederatedConfig, split: Split, root: Path, kind: str, method: str
 
 
 def summary_markdown(cfg: FederatedConfig, cells: dict, command: str) -> str:
-    kinds, methods = _items(cfg.partitions), _items(cfg.methods)
+    kinds, methods = csv_items(cfg.partitions), csv_items(cfg.methods)
     out = ["# PISA / SISA / NSISA on federated digits\n", f"Command: `{command}`\n",
            f"{cfg.clients} clients, {cfg.rounds} rounds, batch {cfg.batch_size} per client, "
            f"MLP 64-{cfg.hidden}-10, Dirichlet α = {cfg.dirichlet_alpha}, FedAvg/FedProx "
@@ -330,7 +326,7 @@ def summary_markdown(cfg: FederatedConfig, cells: dict, command: str) -> str:
 def plot_curves(cfg: FederatedConfig, cells: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    kinds = _items(cfg.partitions)
+    kinds = csv_items(cfg.partitions)
     fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.6), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         for method, c in cells[kind].items():
@@ -350,8 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(FederatedConfig, argv)
     root = run_dir(cfg.runs_root, cfg.name)
     split = digits_split(cfg)
-    cells = {kind: {m: cell(cfg, split, root, kind, m) for m in _items(cfg.methods)}
-             for kind in _items(cfg.partitions)}
+    cells = {kind: {m: cell(cfg, split, root, kind, m) for m in csv_items(cfg.methods)}
+             for kind in csv_items(cfg.partitions)}
     summary = summary_markdown(cfg, cells, "python -m experiments.pisa_federated "
                                + shlex.join(argv))
     results = Path(cfg.results)

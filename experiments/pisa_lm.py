@@ -65,7 +65,7 @@ from admm_jax.models.llama import LlamaConfig, init_params
 from admm_jax.pisa import consensus_params, nsisa, sigma_interval_for, sisa, stack_clients
 from admm_jax.training import OptimizerConfig, TrainConfig, adamw, lr_schedule
 from admm_jax.training.lm import make_nll_sum, next_token_loss, per_client_loss, perplexity
-from experiments.cli import parse_config, to_dict
+from experiments.cli import csv_items, parse_config, to_dict
 from experiments.runs import cached_row, markdown_table, run_dir
 
 CONSENSUS = {"sisa": sisa, "nsisa": nsisa}
@@ -124,19 +124,15 @@ class LmConfig:
             check_real(name, getattr(self, name), low=0.0, high=1.0, low_open=True,
                        high_open=True)
         check_real("muon_adam_lr", self.muon_adam_lr, low=0.0, low_open=True)
-        sources = _items(self.sources)
+        sources = csv_items(self.sources)
         for s in sources:
             if not (is_registered(s) or Path(s).exists()):
                 raise ValueError(f"source {s!r} is neither a registered corpus nor a path")
         if len({corpus_id(s) for s in sources}) != len(sources) or len(sources) < 2:
             raise ValueError(f"sources must name at least two distinct corpora, got {sources}")
-        bad = [m for m in _items(self.methods) if m not in GRIDS]
+        bad = [m for m in csv_items(self.methods) if m not in GRIDS]
         if bad:
             raise ValueError(f"unknown methods {bad}; choose from {sorted(GRIDS)}")
-
-
-def _items(csv: str) -> list[str]:
-    return [s.strip() for s in csv.split(",") if s.strip()]
 
 
 class ClientData(NamedTuple):
@@ -177,11 +173,12 @@ def _encode(tokenizer, documents: list[Document], eos_id: int) -> np.ndarray:
 
 def client_data(cfg: LmConfig, vocab_size: int) -> ClientData:
     """The clients' and validation token streams (module docstring)."""
-    sources = _items(cfg.sources)
+    sources = csv_items(cfg.sources)
     union = prepare_corpus(_register_union(sources), vocab_size=vocab_size,
                            val_fraction=cfg.val_fraction, seed=0)
-    train_docs, val_docs = split_documents(load_documents(union.source), cfg.val_fraction, 0)
-    order = {d.name: i for i, d in enumerate(load_documents(union.source))}
+    documents = load_documents(union.source)
+    train_docs, val_docs = split_documents(documents, cfg.val_fraction, 0)
+    order = {d.name: i for i, d in enumerate(documents)}
     train, tune, labels, val = [], [], [], {}
     for source in map(corpus_id, sources):
         mine = sorted((d for d in train_docs if d.name.startswith(source + "/")),
@@ -376,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
     root = run_dir(cfg.runs_root, cfg.name)
     data = client_data(cfg, LlamaConfig.preset(cfg.model).vocab_size)
     rows_dir = Path(cfg.rows_dir) if cfg.rows_dir else root / "rows"
-    cells = {method: cell(cfg, data, rows_dir, method) for method in _items(cfg.methods)}
+    cells = {method: cell(cfg, data, rows_dir, method) for method in csv_items(cfg.methods)}
     summary = summary_markdown(cfg, data, cells, "python -m experiments.pisa_lm "
                                + shlex.join(argv))
     results = Path(cfg.results)

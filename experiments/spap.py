@@ -50,7 +50,7 @@ from admm_jax.training import load_model
 from admm_jax.training.checkpoint import save_model
 from admm_jax.training.lm import make_nll_sum, perplexity
 from experiments.bench_sparse import bench_models
-from experiments.cli import parse_config, to_dict
+from experiments.cli import csv_items, parse_config, to_dict
 from experiments.loading import load_with_domains
 from experiments.runs import cached_row, markdown_table, run_dir
 
@@ -89,19 +89,15 @@ class SpapConfig:
     def __post_init__(self):
         for s in _floats(self.sparsities):
             check_real("sparsities", s, low=0.0, high=1.0, high_open=True)
-        bad = [m for m in _items(self.methods) if m not in METHODS]
+        bad = [m for m in csv_items(self.methods) if m not in METHODS]
         if bad:
             raise ValueError(f"unknown methods {bad}; choose from {list(METHODS)}")
         for name in ("n_calibration", "calibration_len", "bench_repeats"):
             check_int(name, getattr(self, name), 1)
 
 
-def _items(csv: str) -> list[str]:
-    return [s.strip() for s in csv.split(",") if s.strip()]
-
-
 def _floats(csv: str) -> list[float]:
-    return [float(s) for s in _items(csv)]
+    return [float(s) for s in csv_items(csv)]
 
 
 def pruned_model(model, calibration: np.ndarray, method: str, sparsity: float):
@@ -204,7 +200,7 @@ def speed_rows(ctx: Context, sparsities: list[float]) -> list[dict]:
         ctx.save(dense, ctx.model.config, ctx.model.params, {})
     models = {"dense": str(dense)} | {f"spap@{s:g}": str(shrunk_checkpoint(ctx, s))
                                       for s in sparsities}
-    tokens = [int(t) for t in _items(ctx.cfg.bench_tokens)]
+    tokens = [int(t) for t in csv_items(ctx.cfg.bench_tokens)]
     rows = bench_models(models, tokens, ctx.cfg.bench_repeats, warmup=2)
     flops = {}
     for name, directory in models.items():
@@ -221,7 +217,7 @@ def speed_rows(ctx: Context, sparsities: list[float]) -> list[dict]:
 
 def summary_markdown(ctx: Context, rows: dict, speed: list[dict], command: str) -> str:
     cfg = ctx.cfg
-    sparsities, methods = _floats(cfg.sparsities), _items(cfg.methods)
+    sparsities, methods = _floats(cfg.sparsities), csv_items(cfg.methods)
     names = {"ppl": Path(cfg.corpus).name, "transfer_ppl": Path(cfg.transfer_corpus).name}
     dense = rows["dense"]
     out = [f"# SPAP on {cfg.model}\n", f"Command: `{command}`\n",
@@ -256,9 +252,9 @@ def main(argv: list[str] | None = None) -> dict:
         "params": n_params(ctx.model.params)})}
     sparsities = _floats(cfg.sparsities)
     for s in sparsities:
-        for m in _items(cfg.methods):
+        for m in csv_items(cfg.methods):
             rows[m, s] = row(ctx, m, s)
-    speed = speed_rows(ctx, sparsities) if "spap" in _items(cfg.methods) else []
+    speed = speed_rows(ctx, sparsities) if "spap" in csv_items(cfg.methods) else []
     summary = summary_markdown(ctx, rows, speed, "python -m experiments.spap "
                                + shlex.join(argv))
     (ctx.root / "summary.md").write_text(summary)
