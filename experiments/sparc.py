@@ -102,6 +102,10 @@ class SparcConfig:
     """Comma-separated corpora whose train-split gradients the compressors are compared on."""
     runs_root: str = "runs"
     """Directory that holds the run directories."""
+    rows_dir: str = ""
+    """Directory of the row cache (compressor rows in ``compressors/``, fine-tuning rows as
+    ``METHOD-rRANK.json``); empty = the run directory. Point it at a committed folder to resume a
+    sweep on another machine (training checkpoints stay in the run directory)."""
     results: str = "results/sparc.md"
     """Markdown summary (the rank plot is copied next to it)."""
     targets: str = ",".join(ADAPTABLE)
@@ -234,7 +238,7 @@ def compressor_rows(exp: Experiment, compute: bool) -> list[dict]:
     rows = []
     for name in parse_list("compressor_corpora", exp.cfg.compressor_corpora, str):
         for rank in parse_list("compressor_ranks", exp.cfg.compressor_ranks, int):
-            path = exp.root / "compressors" / f"{Path(name).name}-r{rank}.json"
+            path = exp.rows / "compressors" / f"{Path(name).name}-r{rank}.json"
             key = row_key(exp.cfg, "compressors", corpus_name=name, rank=rank)
             row = get_row(path, key, lambda n=name, r=rank: compressor_row(exp, n, r), compute)
             rows += [row] if row else []
@@ -315,6 +319,7 @@ def step_seconds(history: list[dict], cfg: TrainConfig) -> float:
 def fresh_train_dir(out: Path, key: dict) -> None:
     """Remove ``out/train`` unless it was started under ``key`` (then it resumes)."""
     stamp = out / "train_key.json"
+    out.mkdir(parents=True, exist_ok=True)
     if stamp.exists() and json.loads(stamp.read_text()) != key:
         shutil.rmtree(out / "train", ignore_errors=True)
     atomic_write_json(stamp, key)
@@ -347,14 +352,15 @@ def finetune_row(exp: Experiment, method: str, rank: int, out: Path, key: dict) 
 
 def finetune_rows(exp: Experiment, compute: bool) -> tuple[dict | None, list[dict]]:
     """The pretrained row and every (rank, method) row (computed, or only the cached ones)."""
-    path, key = exp.root / "pretrained.json", row_key(exp.cfg, "pretrained")
+    path, key = exp.rows / "pretrained.json", row_key(exp.cfg, "pretrained")
     pretrained = get_row(path, key, lambda: {"ppl": exp.perplexities(exp.params)}, compute)
     rows = []
     for rank in parse_list("ranks", exp.cfg.ranks, int):
         for method in parse_list("methods", exp.cfg.methods, str):
             out = exp.root / f"{method}-r{rank}"
             key = row_key(exp.cfg, method, rank=rank)
-            row = get_row(out / "result.json", key, lambda m=method, r=rank, o=out, k=key:
+            row = get_row(exp.rows / f"{method}-r{rank}.json", key,
+                          lambda m=method, r=rank, o=out, k=key:
                           finetune_row(exp, m, r, o, k), compute)
             rows += [row] if row else []
     return pretrained, rows

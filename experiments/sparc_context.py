@@ -82,6 +82,7 @@ class Experiment:
     def __init__(self, cfg: SparcConfig, argv: list[str]):
         self.cfg = cfg
         self.root = run_dir(cfg.runs_root, cfg.name)
+        self.rows = Path(cfg.rows_dir) if cfg.rows_dir else self.root
         self.command = "python -m experiments.sparc " + shlex.join(argv)
         if cfg.model in PRETRAINED:
             loaded = load_model_source("", cfg.model)

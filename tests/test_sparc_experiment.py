@@ -5,6 +5,7 @@ from the cache."""
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -119,6 +120,14 @@ def test_sparc_experiment_end_to_end(tmp_path, monkeypatch):
         assert again[part] == result[part], part
     # --part finetune still reports the cached compressor rows
     assert sparc.main([*argv, "--part", "finetune"])["compressors"] == result["compressors"]
+    # the row cache moved to a committed folder resumes a run of another name (another machine)
+    rows = tmp_path / "rows"
+    shutil.copytree(run / "compressors", rows / "compressors")
+    for path in [run / "pretrained.json", *run.glob("*-r*.json")]:
+        shutil.copy(path, rows / path.name)
+    moved = sparc.main([*argv, "--name", "elsewhere", "--rows_dir", str(rows)])
+    for part in ("compressors", "pretrained", "finetune"):
+        assert moved[part] == result[part], part
 
 
 def test_train_dir_resumes_only_under_its_key(tmp_path):
