@@ -76,7 +76,7 @@ GRIDS: dict[str, list[dict[str, float]]] = {
     "adamw": [dict(lr=lr) for lr in (1e-3, 3e-3, 1e-2)],
     "muon": [dict(lr=lr) for lr in (0.01, 0.03, 0.1)],
     "sisa": [dict(sigma=0.1, rho=r) for r in (300.0, 1000.0, 3000.0, 10000.0)],
-    "nsisa": [dict(sigma=0.1, rho=r) for r in (30.0, 100.0)],
+    "nsisa": [dict(sigma=0.1, rho=r) for r in (30.0, 100.0, 300.0)],
 }
 #: final σ / initial σ of the consensus methods (and peak / final lr of the others)
 DECAY = 10.0
