@@ -4,9 +4,12 @@
     python -m experiments.bench_sparse --models dense=runs/x/model,elsa90=runs/x-c --tokens 1,512
     python -m experiments.bench_sparse --quick true          # a smoke run in seconds
 
-(a) SpMM forward ``x @ W`` (:func:`kernels.sparse_matmul`, ``impl="auto"``) against the dense
-matmul of the same ``W`` on the SmolLM2-135M layer shapes (576×576 q/o, 576×192 k/v, 576×1536
-gate/up, 1536×576 down) at densities 1–50 %, at 1 token (decode) and 512 tokens.
+(a) SpMM forward ``x @ W`` (:func:`kernels.sparse_matmul`) in both CPU forms, ``impl="xla"``
+(gather + segment-sum) and ``impl="densify"``, against the dense matmul of the same ``W`` on the
+SmolLM2-135M layer shapes (576×576 q/o, 576×192 k/v, 576×1536 gate/up, 1536×576 down) at
+densities 1–50 %, at 1 (decode), 8, 64 and 512 tokens; which one ``impl="auto"`` picks, and the
+measured crossover density per token count (``densify_above``: the source of
+:data:`kernels.ops.CPU_DENSIFY_ABOVE`).
 (b) The SDDMM value gradient ``∂L/∂v_i = ⟨x[:, r_i], dy[:, c_i]⟩`` against the dense gradient
 ``xᵀ dy`` followed by a gather, at densities 0.1–5 % on 576×1536 at 512 tokens: time, the
 compiled programs' temporary bytes (intermediates, excluding arguments and outputs, which are
@@ -47,7 +50,8 @@ from experiments.cli import parse_config
 from kernels import from_dense, resolve_impl, sddmm, sparse_matmul
 
 SHAPES = ((576, 576), (576, 192), (576, 1536), (1536, 576))
-DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+DENSITIES = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.14, 0.2, 0.3, 0.5)
+SPMM_TOKENS = (1, 8, 64, 512)
 SDDMM_DENSITIES = (0.001, 0.005, 0.01, 0.02, 0.05)
 PARTS = ("spmm", "sddmm", "models")
 
@@ -111,22 +115,51 @@ def _sddmm_memory(fn, *args) -> dict:
 
 
 def bench_spmm(shapes, densities, token_counts, repeats: int, warmup: int) -> list[dict]:
-    """(a): rows ``{shape, density, tokens, dense_s, spmm_s, speedup = dense_s / spmm_s}``."""
-    dense_fn = jax.jit(lambda x, w: x @ w)
-    sparse_fn = jax.jit(lambda x, w: sparse_matmul(x, w))
+    """(a): rows ``{shape, density, tokens, dense_s, xla_s, densify_s, auto_impl, auto_s,
+    speedup = dense_s / auto_s}``: the dense matmul, both CPU forms of the sparse product
+    (:mod:`kernels.ops`), and which one ``impl="auto"`` dispatches to at that density and token
+    count (its time is that contender's)."""
+    fns = {"dense": jax.jit(lambda x, w: x @ w)}
+    for impl in ("xla", "densify"):
+        fns[impl] = jax.jit(functools.partial(sparse_matmul, impl=impl))
     rows = []
     for shape in shapes:
         for density in densities:
             w_dense, w = _random_sparse(shape, density, seed=0)
             for tokens in token_counts:
                 x = jax.random.normal(jax.random.key(1), (tokens, shape[0]))
-                t = interleaved_medians({"dense": lambda x=x, w=w_dense: dense_fn(x, w),
-                                         "spmm": lambda x=x, w=w: sparse_fn(x, w)},
-                                        repeats, warmup)
-                rows.append({"shape": list(shape), "density": density, "tokens": tokens,
-                             "nnz": w.nnz, "dense_s": t["dense"], "spmm_s": t["spmm"],
-                             "speedup": t["dense"] / t["spmm"]})
+                args = {"dense": w_dense, "xla": w, "densify": w}
+                t = interleaved_medians({k: functools.partial(f, x, args[k])
+                                         for k, f in fns.items()}, repeats, warmup)
+                rows.append(with_dispatch({
+                    "shape": list(shape), "density": density, "tokens": tokens, "nnz": w.nnz,
+                    "dense_s": t["dense"], "xla_s": t["xla"], "densify_s": t["densify"]}))
     return rows
+
+
+def with_dispatch(row: dict) -> dict:
+    """``row`` with ``auto_impl`` (what ``impl="auto"`` runs at its density and token count),
+    ``auto_s`` (that contender's measured time) and ``speedup = dense_s / auto_s``."""
+    auto = resolve_impl("auto", density=row["nnz"] / np.prod(row["shape"]), tokens=row["tokens"])
+    auto_s = row[f"{auto}_s"]
+    return {**row, "auto_impl": auto, "auto_s": auto_s, "speedup": row["dense_s"] / auto_s}
+
+
+def crossover(rows: list[dict], tokens: int) -> float:
+    """The density above which ``"densify"`` beats ``"xla"`` at ``tokens``: per shape, the
+    geometric mean of the last grid density where XLA wins and the next one (the grid's end if
+    one form wins everywhere); the median over shapes."""
+    points = []
+    for shape in sorted({tuple(r["shape"]) for r in rows}):
+        grid = sorted((r for r in rows if tuple(r["shape"]) == shape and r["tokens"] == tokens),
+                      key=lambda r: r["density"])
+        wins = [r["densify_s"] < r["xla_s"] for r in grid]
+        k = next((i for i in range(len(grid)) if all(wins[i:])), len(grid))
+        if k in (0, len(grid)):
+            points.append(grid[min(k, len(grid) - 1)]["density"])
+        else:
+            points.append(float(np.sqrt(grid[k - 1]["density"] * grid[k]["density"])))
+    return float(np.median(points))
 
 
 def bench_sddmm(shape, densities, tokens: int, repeats: int, warmup: int) -> list[dict]:
@@ -243,8 +276,10 @@ def run(cfg: BenchSparseConfig) -> dict:
     result = {"backend": jax.default_backend(), "impl": resolve_impl("auto"),
               "repeats": repeats, "warmup": warmup, "quick": cfg.quick, "parts": parts}
     if "spmm" in parts:
-        result["spmm"] = bench_spmm(shapes, (0.01, 0.1) if cfg.quick else DENSITIES, (1, 512),
-                                    repeats, warmup)
+        token_counts = (1, 512) if cfg.quick else SPMM_TOKENS
+        result["spmm"] = bench_spmm(shapes, (0.01, 0.1) if cfg.quick else DENSITIES,
+                                    token_counts, repeats, warmup)
+        result["densify_above"] = {str(t): crossover(result["spmm"], t) for t in token_counts}
     if "sddmm" in parts:
         result["sddmm_memory_note"] = SDDMM_MEMORY_NOTE
         result["sddmm"] = bench_sddmm(SHAPES[2], (0.01,) if cfg.quick else SDDMM_DENSITIES, 512,

@@ -7,7 +7,15 @@ N:M storage is left to the layers built on top (an N:M matrix is a :class:`Spars
 with a fixed number of entries per group).
 """
 
-from kernels.ops import Impl, resolve_impl, sddmm, sparse_matmul, spmm
+from kernels.ops import (
+    CPU_DENSIFY_ABOVE,
+    Impl,
+    densify_above,
+    resolve_impl,
+    sddmm,
+    sparse_matmul,
+    spmm,
+)
 from kernels.sparse import (
     INT16_MAX,
     SparseMatrix,
@@ -20,10 +28,12 @@ from kernels.sparse import (
 )
 
 __all__ = [
+    "CPU_DENSIFY_ABOVE",
     "INT16_MAX",
     "Impl",
     "SparseMatrix",
     "column_offsets",
+    "densify_above",
     "from_dense",
     "index_dtype_for",
     "resolve_impl",

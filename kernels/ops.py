@@ -13,31 +13,67 @@ same way). The indices receive no gradient.
 
 Implementations (``impl``): ``"reference"`` (dense jnp, :mod:`kernels.reference`), ``"xla"``
 (chunked gather + segment-sum, :mod:`kernels.xla`), ``"pallas"`` (:mod:`kernels.pallas`;
-``interpret=True`` runs it on CPU), ``"auto"``: Pallas on GPU, XLA on CPU and TPU.
+``interpret=True`` runs it on CPU), ``"densify"`` (scatter ``W`` into a dense ``n_in × n_out``
+matrix for the two matmuls, the XLA SDDMM for the values: the dense *gradient* is still never
+formed), and ``"auto"``: Pallas on GPU; XLA on TPU; on CPU ``"densify"`` when the matrix is denser
+than :func:`densify_above` of the token count, else ``"xla"``.
+
+The CPU rule exists because XLA's gather + segment-sum does far less useful work per second than
+the dense matmul: measured on SmolLM2's layer shapes (``python -m experiments.bench_sparse
+--parts spmm``, ``results/bench_sparse_kernels.json``) the sparse forward wins only below a few
+percent density at 512 tokens and below about a tenth at 1 token, while densifying costs one
+scatter of ``nnz`` values and an ``n_in × n_out`` temporary on top of the dense matmul. A compact
+model then stores (and keeps resident) only what it keeps and runs, layer by layer, whichever
+form is faster. :data:`CPU_DENSIFY_ABOVE` holds those measured crossovers.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from admm_jax._checks import check_choice
 from kernels import pallas, reference, xla
 from kernels.sparse import SparseMatrix
 
-Impl = Literal["auto", "xla", "pallas", "reference"]
-_IMPLS = ("auto", "xla", "pallas", "reference")
+Impl = Literal["auto", "xla", "pallas", "densify", "reference"]
+_IMPLS = ("auto", "xla", "pallas", "densify", "reference")
+
+#: ``(tokens, density)``: on CPU, above this density the densified product beats the XLA SpMM
+#: at that many tokens (the crossover of ``results/bench_sparse_kernels.json``, over SmolLM2's
+#: four layer shapes); :func:`densify_above` interpolates between the points in log-tokens.
+CPU_DENSIFY_ABOVE: tuple[tuple[int, float], ...] = ((1, 0.084), (8, 0.101), (64, 0.118),
+                                                      (512, 0.049))
 
 
-def resolve_impl(impl: Impl = "auto") -> str:
-    """The implementation ``impl`` stands for on the current backend: ``"auto"`` is
-    ``"pallas"`` on GPU and ``"xla"`` elsewhere (Mosaic-TPU lacks the gathers the kernels use)."""
+def densify_above(tokens: int) -> float:
+    """The CPU crossover density at ``tokens`` rows of ``x``: :data:`CPU_DENSIFY_ABOVE`
+    interpolated linearly in ``log(tokens)`` and held constant beyond its end points."""
+    t, d = zip(*CPU_DENSIFY_ABOVE)
+    return float(np.interp(np.log(max(tokens, 1)), np.log(t), d))
+
+
+def resolve_impl(impl: Impl = "auto", *, density: float | None = None,
+                 tokens: int | None = None) -> str:
+    """The implementation ``impl`` stands for on the current backend. ``"auto"`` is
+    ``"pallas"`` on GPU and ``"xla"`` on TPU (Mosaic-TPU lacks the gathers the kernels use). On
+    CPU it is ``"densify"`` if ``density > densify_above(tokens)`` and ``"xla"`` otherwise (or
+    when ``density`` / ``tokens`` is not given); see the module doc."""
     check_choice("impl", impl, _IMPLS)
     if impl != "auto":
         return impl
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "pallas"
+    if backend == "cpu" and density is not None and tokens is not None \
+            and density > densify_above(tokens):
+        return "densify"
+    return "xla"
 
 
 def _ops(impl: str, interpret: bool):
@@ -45,6 +81,8 @@ def _ops(impl: str, interpret: bool):
     if impl == "pallas":
         return tuple(functools.partial(f, interpret=interpret)
                      for f in (pallas.spmm, pallas.spmm_t, pallas.sddmm))
+    if impl == "densify":
+        return reference.spmm, reference.spmm_t, xla.sddmm
     module = xla if impl == "xla" else reference
     return module.spmm, module.spmm_t, module.sddmm
 
@@ -74,14 +112,16 @@ def sparse_matmul(x: jax.Array, w: SparseMatrix, *, impl: Impl = "auto",
     """``y = x @ W`` for ``x [..., n_in]`` → ``[..., n_out]`` (dtype: that of ``x`` and
     ``W.values`` promoted, at least float32), differentiable in ``x`` and ``W.values`` with
     the SpMM / SDDMM backward of the module doc. ``impl`` picks the implementation
-    (:func:`resolve_impl`); ``interpret`` runs the Pallas kernels in interpret mode."""
+    (:func:`resolve_impl` of ``W``'s density and the number of rows of ``x``); ``interpret``
+    runs the Pallas kernels in interpret mode."""
     if not isinstance(w, SparseMatrix):
         raise TypeError(f"w must be a SparseMatrix, got {type(w).__name__}")
-    impl = resolve_impl(impl)
+    x = jnp.asarray(x)
     if x.ndim < 1 or x.shape[-1] != w.shape[0]:
         raise ValueError(f"x must have shape [..., {w.shape[0]}] to multiply W of shape "
                          f"{w.shape}, got {x.shape}")
     lead = x.shape[:-1]
+    impl = resolve_impl(impl, density=w.density, tokens=math.prod(lead))
     y = _matmul(x.reshape(-1, w.shape[0]), w, impl, bool(interpret))
     return y.reshape(*lead, w.shape[1])
 

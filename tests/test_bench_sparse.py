@@ -17,7 +17,11 @@ def test_quick_run_writes_every_part(tmp_path):
     assert {(r["density"], r["tokens"]) for r in result["spmm"]} == {
         (d, t) for d in (0.01, 0.1) for t in (1, 512)}
     for row in result["spmm"]:
-        assert row["speedup"] == pytest.approx(row["dense_s"] / row["spmm_s"])
+        assert row["auto_impl"] in ("xla", "densify")
+        assert row["auto_s"] == row[f"{row['auto_impl']}_s"]
+        assert row["speedup"] == pytest.approx(row["dense_s"] / row["auto_s"])
+    assert set(result["densify_above"]) == {"1", "512"}
+    assert all(0.01 <= d <= 0.1 for d in result["densify_above"].values())
     (sddmm,) = result["sddmm"]
     assert sddmm["max_abs_diff"] < 1e-3 and sddmm["nnz"] > 0
     models = {r["model"]: r for r in result["models"]}
@@ -35,3 +39,21 @@ def test_parts_select_benchmarks_and_bad_parts_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_sparse.main(["--parts", "spmm,gemm", "--out", str(tmp_path / "c.json")])
     assert "parts must be one of" in capsys.readouterr().err
+
+
+def _timed(shape, density, xla_s, densify_s, tokens=8):
+    return {"shape": list(shape), "density": density, "tokens": tokens, "xla_s": xla_s,
+            "densify_s": densify_s}
+
+
+def test_crossover_is_the_geometric_midpoint_of_the_switch_median_over_shapes():
+    grid = (0.01, 0.04, 0.16, 0.64)
+    rows = [_timed((4, 4), d, xla_s=d, densify_s=0.1) for d in grid]       # switch 0.04 → 0.16
+    rows += [_timed((4, 8), d, xla_s=d, densify_s=0.02) for d in grid]     # switch 0.01 → 0.04
+    rows += [_timed((8, 4), d, xla_s=d, densify_s=0.5) for d in grid]      # switch 0.16 → 0.64
+    rows += [_timed((4, 4), 0.01, xla_s=1.0, densify_s=0.0, tokens=1)]     # other token count
+    assert bench_sparse.crossover(rows, 8) == pytest.approx(0.08)  # median of .02, .08, .32
+    # a late XLA win (noise) above the switch moves the crossover past it
+    noisy = [_timed((4, 4), d, xla_s=0.05 if d == 0.64 else d, densify_s=0.1) for d in grid]
+    assert bench_sparse.crossover(noisy, 8) == 0.64
+    assert bench_sparse.crossover([_timed((4, 4), d, 1.0, 0.0) for d in grid], 8) == 0.01

@@ -53,7 +53,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas", "densify"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_and_gradients_match_dense(impl, case):
     c = CASES[case]
@@ -91,20 +91,22 @@ def test_sddmm_and_transpose_match_reference(impl):
                                rtol=1e-4, atol=1e-4)
 
 
-def _shapes_in(jaxpr):
-    """Every array shape produced anywhere in ``jaxpr``, nested jaxprs (scan, pallas) included."""
+def _shapes_in(jaxpr, primitive=None):
+    """Every array shape produced anywhere in ``jaxpr`` (by ``primitive`` only, if named),
+    nested jaxprs (scan, pallas) included."""
     shapes = set()
     for eqn in jaxpr.eqns:
-        shapes.update(tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars)
+        if primitive is None or eqn.primitive.name == primitive:
+            shapes.update(tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars)
         for p in eqn.params.values():
             for sub in p if isinstance(p, (tuple, list)) else (p,):
                 inner = getattr(sub, "jaxpr", sub)
                 if isinstance(inner, jax.extend.core.Jaxpr):
-                    shapes |= _shapes_in(inner)
+                    shapes |= _shapes_in(inner, primitive)
     return shapes
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas", "densify"])
 def test_backward_never_builds_the_dense_gradient(impl):
     m = from_dense(_planted())
     x = jnp.ones((5, N_IN))
@@ -113,8 +115,45 @@ def test_backward_never_builds_the_dense_gradient(impl):
         return jnp.sum(kernels.sparse_matmul(x, m.with_values(values), impl=impl,
                                              interpret=True) ** 2)
 
-    shapes = _shapes_in(jax.make_jaxpr(jax.grad(loss))(m.values).jaxpr)
-    assert ((N_IN, N_OUT) in shapes) == (impl == "reference")  # the reference densifies
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(m.values).jaxpr
+    # the dense gradient xᵀ dy is a matmul with an n_in × n_out result: only the reference has one
+    assert ((N_IN, N_OUT) in _shapes_in(jaxpr, "dot_general")) == (impl == "reference")
+    # densify builds the dense W itself (a scatter); xla and pallas never hold n_in × n_out
+    assert ((N_IN, N_OUT) in _shapes_in(jaxpr)) == (impl in ("reference", "densify"))
+
+
+def test_auto_densifies_on_cpu_above_the_measured_crossover():
+    assert jax.default_backend() == "cpu"
+    (t0, d0), (t1, d1) = kernels.CPU_DENSIFY_ABOVE[:2]
+    assert kernels.densify_above(t0) == d0 and kernels.densify_above(t1) == d1
+    between = kernels.densify_above(round(np.sqrt(t0 * t1)))  # log-midpoint
+    assert min(d0, d1) < between < max(d0, d1)
+    (t_end, d_end) = kernels.CPU_DENSIFY_ABOVE[-1]
+    assert kernels.densify_above(10 * t_end) == d_end and kernels.densify_above(0) == d0
+    for tokens in (1, 16, 512):
+        d = kernels.densify_above(tokens)
+        assert kernels.resolve_impl("auto", density=1.01 * d, tokens=tokens) == "densify"
+        assert kernels.resolve_impl("auto", density=0.99 * d, tokens=tokens) == "xla"
+    assert kernels.resolve_impl("auto", density=0.9) == "xla"  # no token count: no rule
+    assert kernels.resolve_impl("xla", density=0.9, tokens=512) == "xla"  # explicit impl wins
+    # sparse_matmul dispatches on W's density and x's rows: both regimes give x @ W
+    rng = np.random.default_rng(7)
+    for density, batch in ((0.9, (4, 128)), (0.01, (1,))):
+        w = (rng.standard_normal((64, 96)) * (rng.random((64, 96)) < density)).astype(np.float32)
+        m, x = from_dense(w), rng.standard_normal((*batch, 64)).astype(np.float32)
+        impl = kernels.resolve_impl(density=m.density, tokens=int(np.prod(batch)))
+        assert impl == ("densify" if density == 0.9 else "xla")
+        np.testing.assert_allclose(kernels.sparse_matmul(x, m), x @ w, rtol=1e-4, atol=1e-4)
+
+
+def test_densify_above_matches_the_committed_benchmark():
+    """The dispatch constants are the crossovers the committed benchmark measured."""
+    import json
+    from pathlib import Path
+    bench = Path(__file__).parents[1] / "results" / "bench_sparse_kernels.json"
+    measured = json.loads(bench.read_text())["densify_above"]
+    assert {int(t): round(d, 3) for t, d in measured.items()} == dict(
+        kernels.ops.CPU_DENSIFY_ABOVE)
 
 
 def test_jit_does_not_retrace_for_new_values():
