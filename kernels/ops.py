@@ -19,16 +19,20 @@ formed), and ``"auto"``: Pallas on GPU; XLA on TPU; on CPU ``"densify"`` when th
 than :func:`densify_above` of the token count, else ``"xla"``.
 
 The CPU rule exists because XLA's gather + segment-sum does far less useful work per second than
-the dense matmul: measured on SmolLM2's layer shapes (``python -m experiments.bench_sparse
---parts spmm``, ``results/bench_sparse_kernels.json``) the sparse forward wins only below a few
-percent density at 512 tokens and below about a tenth at 1 token, while densifying costs one
-scatter of ``nnz`` values and an ``n_in × n_out`` temporary on top of the dense matmul. A compact
-model then stores (and keeps resident) only what it keeps and runs, layer by layer, whichever
-form is faster. :data:`CPU_DENSIFY_ABOVE` holds those measured crossovers.
+the dense matmul, while densifying costs one scatter of ``nnz`` values and an ``n_in × n_out``
+write and read on top of the dense matmul. Which cost is larger depends on the token count (the
+matmul amortises the scatter over the tokens) and on the cache: in a whole model the 210 layers'
+weights do not stay in cache, so the dense temporary costs memory traffic that a single-layer
+benchmark hides. :data:`CPU_DENSIFY_ABOVE` therefore holds crossovers measured on whole SmolLM2
+forwards (``python -m experiments.bench_sparse --parts crossover --standins smollm2``,
+``results/bench_sparse_crossover.json``). A compact model stores (and keeps resident) only what
+it keeps and runs each layer in the form that is faster at its density; :func:`densify_rule`
+overrides the rule.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Literal
@@ -45,16 +49,35 @@ Impl = Literal["auto", "xla", "pallas", "densify", "reference"]
 _IMPLS = ("auto", "xla", "pallas", "densify", "reference")
 
 #: ``(tokens, density)``: on CPU, above this density the densified product beats the XLA SpMM
-#: at that many tokens (the crossover of ``results/bench_sparse_kernels.json``, over SmolLM2's
-#: four layer shapes); :func:`densify_above` interpolates between the points in log-tokens.
-CPU_DENSIFY_ABOVE: tuple[tuple[int, float], ...] = ((1, 0.084), (8, 0.101), (64, 0.118),
-                                                      (512, 0.049))
+#: at that many tokens (the whole-model crossovers of ``results/bench_sparse_crossover.json``);
+#: :func:`densify_above` interpolates between the points in log-tokens.
+CPU_DENSIFY_ABOVE: tuple[tuple[int, float], ...] = ((1, 0.387), (8, 0.387), (64, 0.141),
+                                                      (512, 0.071))
+
+
+_RULES: list[tuple[tuple[int, float], ...]] = []  # densify_rule overrides, innermost last
+
+
+@contextlib.contextmanager
+def densify_rule(table: tuple[tuple[int, float], ...]):
+    """Within the block, ``impl="auto"`` on CPU uses ``table`` (``(tokens, density)`` points,
+    as :data:`CPU_DENSIFY_ABOVE`) instead of the measured crossovers: ``((1, 0.0),)`` densifies
+    every non-empty matrix, ``((1, 1.0),)`` none. The rule is read when a product is *traced*,
+    so it applies to functions jitted (first called) inside the block."""
+    if not table or any(t < 1 or not 0.0 <= d <= 1.0 for t, d in table):
+        raise ValueError(f"table must be (tokens ≥ 1, density in [0, 1]) points, got {table!r}")
+    _RULES.append(tuple(sorted(table)))
+    try:
+        yield
+    finally:
+        _RULES.pop()
 
 
 def densify_above(tokens: int) -> float:
-    """The CPU crossover density at ``tokens`` rows of ``x``: :data:`CPU_DENSIFY_ABOVE`
-    interpolated linearly in ``log(tokens)`` and held constant beyond its end points."""
-    t, d = zip(*CPU_DENSIFY_ABOVE)
+    """The CPU crossover density at ``tokens`` rows of ``x``: :data:`CPU_DENSIFY_ABOVE` (or the
+    innermost :func:`densify_rule`) interpolated linearly in ``log(tokens)`` and held constant
+    beyond its end points."""
+    t, d = zip(*(_RULES[-1] if _RULES else CPU_DENSIFY_ABOVE))
     return float(np.interp(np.log(max(tokens, 1)), np.log(t), d))
 
 

@@ -20,8 +20,8 @@ def test_quick_run_writes_every_part(tmp_path):
         assert row["auto_impl"] in ("xla", "densify")
         assert row["auto_s"] == row[f"{row['auto_impl']}_s"]
         assert row["speedup"] == pytest.approx(row["dense_s"] / row["auto_s"])
-    assert set(result["densify_above"]) == {"1", "512"}
-    assert all(0.01 <= d <= 0.1 for d in result["densify_above"].values())
+    assert set(result["densify_above_in_cache"]) == {"1", "512"}
+    assert all(0.01 <= d <= 0.1 for d in result["densify_above_in_cache"].values())
     (sddmm,) = result["sddmm"]
     assert sddmm["max_abs_diff"] < 1e-3 and sddmm["nnz"] > 0
     models = {r["model"]: r for r in result["models"]}
@@ -39,6 +39,17 @@ def test_parts_select_benchmarks_and_bad_parts_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_sparse.main(["--parts", "spmm,gemm", "--out", str(tmp_path / "c.json")])
     assert "parts must be one of" in capsys.readouterr().err
+
+
+def test_model_crossover_times_both_forms_of_the_same_model(tmp_path):
+    result = bench_sparse.main(["--quick", "true", "--parts", "crossover", "--out",
+                                str(tmp_path / "d.json")])
+    rows = result["model_crossover"]
+    assert {(r["density"], r["tokens"]) for r in rows} == {
+        (d, t) for d in (0.1, 0.5) for t in (1, 128)}  # nano's max_seq_len caps 512
+    assert all(r["xla_s"] > 0 and r["densify_s"] > 0 and r["dense_s"] > 0 for r in rows)
+    assert set(result["densify_above"]) == {"1", "128"}
+    assert all(0.1 <= d <= 0.5 for d in result["densify_above"].values())
 
 
 def _timed(shape, density, xla_s, densify_s, tokens=8):

@@ -1,6 +1,8 @@
 """Sparse kernels: storage format, SpMM forward, and both gradients of every implementation
 against the dense reference ``jax.grad`` of ``x @ to_dense(W)``."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,10 +126,13 @@ def test_backward_never_builds_the_dense_gradient(impl):
 
 def test_auto_densifies_on_cpu_above_the_measured_crossover():
     assert jax.default_backend() == "cpu"
-    (t0, d0), (t1, d1) = kernels.CPU_DENSIFY_ABOVE[:2]
-    assert kernels.densify_above(t0) == d0 and kernels.densify_above(t1) == d1
+    table = kernels.CPU_DENSIFY_ABOVE
+    for t, d in table:
+        assert kernels.densify_above(t) == d
+    (t0, d0), (t1, d1) = next((a, b) for a, b in itertools.pairwise(table) if a[1] != b[1])
     between = kernels.densify_above(round(np.sqrt(t0 * t1)))  # log-midpoint
     assert min(d0, d1) < between < max(d0, d1)
+    d0 = table[0][1]
     (t_end, d_end) = kernels.CPU_DENSIFY_ABOVE[-1]
     assert kernels.densify_above(10 * t_end) == d_end and kernels.densify_above(0) == d0
     for tokens in (1, 16, 512):
@@ -136,6 +141,14 @@ def test_auto_densifies_on_cpu_above_the_measured_crossover():
         assert kernels.resolve_impl("auto", density=0.99 * d, tokens=tokens) == "xla"
     assert kernels.resolve_impl("auto", density=0.9) == "xla"  # no token count: no rule
     assert kernels.resolve_impl("xla", density=0.9, tokens=512) == "xla"  # explicit impl wins
+    with kernels.densify_rule(((1, 0.0),)):  # an override forces one form, innermost first
+        assert kernels.resolve_impl("auto", density=1e-4, tokens=1) == "densify"
+        with kernels.densify_rule(((1, 1.0),)):
+            assert kernels.resolve_impl("auto", density=0.99, tokens=512) == "xla"
+    assert kernels.densify_above(1) == d0  # restored
+    with pytest.raises(ValueError, match="table must be"):
+        with kernels.densify_rule(((0, 0.5),)):
+            pass
     # sparse_matmul dispatches on W's density and x's rows: both regimes give x @ W
     rng = np.random.default_rng(7)
     for density, batch in ((0.9, (4, 128)), (0.01, (1,))):
@@ -150,7 +163,7 @@ def test_densify_above_matches_the_committed_benchmark():
     """The dispatch constants are the crossovers the committed benchmark measured."""
     import json
     from pathlib import Path
-    bench = Path(__file__).parents[1] / "results" / "bench_sparse_kernels.json"
+    bench = Path(__file__).parents[1] / "results" / "bench_sparse_crossover.json"
     measured = json.loads(bench.read_text())["densify_above"]
     assert {int(t): round(d, 3) for t, d in measured.items()} == dict(
         kernels.ops.CPU_DENSIFY_ABOVE)
