@@ -188,6 +188,8 @@ def quality(samples: dict[str, jax.Array], kind: str, rank: int, mu: float) -> d
                                               compress, mu=mu))
         seconds.append(time.perf_counter() - t0)
         values.append(q)
+        print(f"  {kind} r={rank}: gradient {i + 1}, M {q.metric:.4g}, {seconds[-1]:.1f}s",
+              flush=True)
     return {**{f: float(np.mean([getattr(q, f) for q in values]))
                for f in ("metric", "rel_error", "rel_sq_error")},
             "seconds_per_gradient": float(np.median(seconds))}
@@ -227,7 +229,11 @@ def compressor_row(exp: Experiment, name: str, rank: int) -> dict:
     dense = sum(int(np.prod(x.shape[1:])) for x in stats.samples.values())
     row = {"corpus": name, "rank": rank, "budget_fraction": exp.budget(rank) / dense}
     row |= {kind: quality(stats.samples, kind, rank, exp.cfg.mu) for kind in KINDS}
-    row["kernels"] = {p: kernel_study(x[0], rank) for p, x in stats.samples.items()}
+    row["kernels"] = {}
+    for i, (p, x) in enumerate(stats.samples.items()):
+        row["kernels"][p] = kernel_study(x[0], rank)
+        if (i + 1) % 30 == 0 or i + 1 == len(stats.samples):
+            print(f"  kernel study r={rank}: {i + 1}/{len(stats.samples)} kernels", flush=True)
     print(f"{name} r={rank}: " + ", ".join(f"M({k}) {row[k]['metric']:.4g}" for k in KINDS),
           flush=True)
     return {**row, "command": exp.command}
