@@ -353,7 +353,9 @@ def finetune_row(exp: Experiment, method: str, rank: int, out: Path, key: dict) 
     return {"method": method, "rank": rank, "trainable": trainable, **info,
             "after_ppl": after, "adapted_ppl": adapted,
             "step_seconds": step_seconds(result.history, cfg.train),
-            "final_train_loss": result.history[-1]["loss"], "command": exp.command}
+            "final_train_loss": result.history[-1]["loss"],
+            "train_curve": [[r["step"], r["loss"]] for r in result.history if "loss" in r],
+            "command": exp.command}
 
 
 def finetune_rows(exp: Experiment, compute: bool) -> tuple[dict | None, list[dict]]:

@@ -3,7 +3,8 @@
 The summary (``runs/<name>/summary.md`` and ``results``) holds the exact command, how every
 hyperparameter was chosen (:data:`CHOICES`), the compressor table in the layout of RA-SpaRC's
 Table 4, the unimodality study of App. C.2, one fine-tuning table per budget, the γ search and
-the path of ``rank_per_layer.png`` (the rank RA-SpaRC chose per layer and projection);
+the paths of ``rank_per_layer.png`` (the rank RA-SpaRC chose per layer and projection) and
+``curves.png`` (training loss per method and its difference to LoRA's);
 ``results.json`` holds every row.
 """
 
@@ -183,6 +184,39 @@ def plot_ranks(rows: list[dict], n_layers: int, path: Path) -> bool:
     return True
 
 
+def plot_curves(rows: list[dict], path: Path, smooth: int = 5) -> bool:
+    """Training loss per budget (top: running mean over ``smooth`` logged steps; bottom: the
+    raw difference to LoRA's loss at the same step, on the same batches, since every method
+    sees the same data); ``False`` when no row holds a ``train_curve``."""
+    rows = [r for r in rows if r.get("train_curve")]
+    ranks = list(dict.fromkeys(r["rank"] for r in rows))
+    if not ranks:
+        return False
+    fig, axes = plt.subplots(2, len(ranks), figsize=(5 * len(ranks), 6), squeeze=False,
+                             sharex=True)
+    for col, rank in enumerate(ranks):
+        curves = {r["method"]: np.asarray(r["train_curve"], float) for r in rows
+                  if r["rank"] == rank}
+        for method, curve in curves.items():
+            window = np.ones(min(smooth, len(curve))) / min(smooth, len(curve))
+            axes[0, col].plot(curve[len(window) - 1:, 0],
+                              np.convolve(curve[:, 1], window, mode="valid"),
+                              label=LABELS[method])
+            ref = curves.get("lora")
+            if ref is not None and method != "lora" and len(ref) == len(curve):
+                axes[1, col].plot(curve[:, 0], curve[:, 1] - ref[:, 1], label=LABELS[method])
+        axes[0, col].set_title(f"r = {rank}")
+        axes[0, col].set_ylabel(f"train loss (mean of {smooth} logs)")
+        axes[1, col].axhline(0.0, color="gray", lw=0.8)
+        axes[1, col].set_ylabel("loss − LoRA's (same batch)")
+        axes[1, col].set_xlabel("step")
+        axes[0, col].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def goals(result: dict) -> list[str]:
     """The issue's goals, each checked on the rows at hand."""
     lines = []
@@ -212,8 +246,9 @@ def goals(result: dict) -> list[str]:
     return lines
 
 
-def summary_markdown(cfg, result: dict, plot: Path | None) -> str:
-    """The whole summary (module docstring)."""
+def summary_markdown(cfg, result: dict, plots: dict[str, Path]) -> str:
+    """The whole summary (module docstring); ``plots`` maps ``ranks`` / ``curves`` to the
+    copied figures."""
     domains = {"ppl": Path(cfg.corpus).name} | (
         {"transfer_ppl": Path(cfg.transfer_corpus).name} if cfg.transfer_corpus else {})
     values = {**vars(cfg.train.optimizer), **vars(cfg.train), **vars(cfg)}
@@ -241,21 +276,29 @@ def summary_markdown(cfg, result: dict, plot: Path | None) -> str:
     if result["finetune"] and gamma_table(result["finetune"]):
         out += ["\n### γ search (mean train loss of W0 − C(g)/γ, held-out train batches)\n",
                 gamma_table(result["finetune"])]
-    if plot is not None:
-        out.append(f"\nRA-SpaRC's rank per layer and projection: `{plot}`\n")
+    if "ranks" in plots:
+        out.append(f"\nRA-SpaRC's rank per layer and projection: `{plots['ranks']}`\n")
+    if "curves" in plots:
+        out.append(f"\nTraining loss per method, and its difference to LoRA's on the same "
+                   f"batches: `{plots['curves']}`\n")
     return "\n".join(out) + "\n"
 
 
 def write_outputs(cfg, root: Path, result: dict) -> str:
-    """``summary.md``, ``results.json`` and ``rank_per_layer.png`` in ``root``; the summary
-    (and the plot, as ``<results stem>_rank_per_layer.png``) to ``cfg.results``."""
+    """``summary.md``, ``results.json``, ``rank_per_layer.png`` and ``curves.png`` in ``root``;
+    the summary (and the plots, as ``<results stem>_rank_per_layer.png`` / ``_curves.png``) to
+    ``cfg.results``."""
     results = Path(cfg.results)
     results.parent.mkdir(parents=True, exist_ok=True)
-    plot = None
-    if plot_ranks(result["finetune"], result["n_layers"], root / "rank_per_layer.png"):
-        plot = results.with_name(f"{results.stem}_rank_per_layer.png")
-        shutil.copy(root / "rank_per_layer.png", plot)
-    summary = summary_markdown(cfg, result, plot)
+    drawn = {"ranks": ("rank_per_layer.png", plot_ranks(result["finetune"], result["n_layers"],
+                                                        root / "rank_per_layer.png")),
+             "curves": ("curves.png", plot_curves(result["finetune"], root / "curves.png"))}
+    plots = {}
+    for kind, (name, done) in drawn.items():
+        if done:
+            plots[kind] = results.with_name(f"{results.stem}_{name}")
+            shutil.copy(root / name, plots[kind])
+    summary = summary_markdown(cfg, result, plots)
     (root / "summary.md").write_text(summary)
     results.write_text(summary)
     atomic_write_json(root / "results.json", result)

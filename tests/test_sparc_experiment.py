@@ -72,6 +72,9 @@ def _check_finetune(rows, pretrained):
         # the merged dense model scores as the adapted one
         assert row["after_ppl"]["ppl"] == pytest.approx(row["adapted_ppl"], rel=1e-4)
         assert row["step_seconds"] > 0 and math.isfinite(row["final_train_loss"])
+        # the logged curve: one point per step (log_every 1), ending at the final loss
+        assert [s for s, _ in row["train_curve"]] == [1, 2, 3, 4]
+        assert row["train_curve"][-1][1] == row["final_train_loss"]
         if row["method"] in ("lora-one", "ra-sparc"):
             losses = {float(g): v for g, v in row["gamma_losses"].items()}
             assert sorted(losses) == grid
@@ -98,9 +101,11 @@ def test_sparc_experiment_end_to_end(tmp_path, monkeypatch):
     _check_finetune(result["finetune"], result["pretrained"])
 
     run = tmp_path / "runs" / "toy"
-    for name in ("summary.md", "results.json", "config.json", "rank_per_layer.png"):
+    for name in ("summary.md", "results.json", "config.json", "rank_per_layer.png",
+                 "curves.png"):
         assert (run / name).is_file(), name
-    assert (tmp_path / "sparc_rank_per_layer.png").is_file()
+    for name in ("sparc_rank_per_layer.png", "sparc_curves.png"):
+        assert (tmp_path / name).is_file(), name
     summary = (tmp_path / "sparc.md").read_text()
     assert summary == (run / "summary.md").read_text()
     assert "Command: `python -m experiments.sparc --name toy --model nano" in summary
