@@ -26,6 +26,7 @@ from experiments.runs import markdown_table
 
 LABELS = {"sparc": "SpaRC", "svd": "SVD", "topk": "TopK", "lora": "LoRA",
           "lora-one": "LoRA-One", "rosa": "RoSA", "ra-sparc": "RA-SpaRC"}
+COLORS = {"lora": "C0", "lora-one": "C1", "rosa": "C2", "ra-sparc": "C3"}
 #: how the hyperparameters and measurements were chosen (formatted with the config)
 CHOICES = """\
 * Gradients: mini-batches of {grad_batch_size} × {grad_seq_len} tokens from the *train* split
@@ -199,12 +200,12 @@ def plot_curves(rows: list[dict], path: Path, smooth: int = 5) -> bool:
                   if r["rank"] == rank}
         for method, curve in curves.items():
             window = np.ones(min(smooth, len(curve))) / min(smooth, len(curve))
+            style = {"label": LABELS[method], "color": COLORS[method]}
             axes[0, col].plot(curve[len(window) - 1:, 0],
-                              np.convolve(curve[:, 1], window, mode="valid"),
-                              label=LABELS[method])
+                              np.convolve(curve[:, 1], window, mode="valid"), **style)
             ref = curves.get("lora")
             if ref is not None and method != "lora" and len(ref) == len(curve):
-                axes[1, col].plot(curve[:, 0], curve[:, 1] - ref[:, 1], label=LABELS[method])
+                axes[1, col].plot(curve[:, 0], curve[:, 1] - ref[:, 1], **style)
         axes[0, col].set_title(f"r = {rank}")
         axes[0, col].set_ylabel(f"train loss (mean of {smooth} logs)")
         axes[1, col].axhline(0.0, color="gray", lw=0.8)
