@@ -143,7 +143,7 @@ def gamma_table(rows: list[dict]) -> str:
     rows = [r for r in rows if "gamma_losses" in r]
     if not rows:
         return ""
-    grid = list(rows[0]["gamma_losses"])
+    grid = sorted(rows[0]["gamma_losses"], key=float)  # JSON keys come back sorted as text
     body = [[f"{LABELS[r['method']]} r = {r['rank']}",
              *[f"{r['gamma_losses'][g]:.4f}{'*' if float(g) == r['gamma'] else ''}"
                for g in grid], f"{r['w0_gamma_loss']:.4f}", f"{r['gamma_search_seconds']:.1f}"]

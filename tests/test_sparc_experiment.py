@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from admm_jax.models.llama import LlamaConfig
-from experiments import sparc
+from experiments import sparc, sparc_report
 from tests.test_experiments import write_texts
 
 NANO = LlamaConfig.preset("nano")
@@ -153,3 +153,15 @@ def test_bad_config_is_rejected():
         sparc.SparcConfig(ranks="4,x")
     with pytest.raises(ValueError, match="model"):
         sparc.SparcConfig(model="gpt9")
+
+
+def test_gamma_table_orders_the_grid_numerically():
+    # a row read back from the JSON cache has its γ keys sorted as text: "1.0" < "16.0" < "4.0"
+    row = {"method": "ra-sparc", "rank": 4, "gamma": 4.0, "w0_gamma_loss": 3.4,
+           "gamma_search_seconds": 1.0,
+           "gamma_losses": {"1.0": 7.3, "16.0": 3.3, "4.0": 3.2}}
+    table = sparc_report.gamma_table([row])
+    header = table.splitlines()[0]
+    assert header.index("γ = 1.0") < header.index("γ = 4.0") < header.index("γ = 16.0")
+    assert "3.2000*" in table and "edge of the grid" not in table  # 4 is interior
+    assert "edge of the grid" in sparc_report.gamma_table([{**row, "gamma": 16.0}])
