@@ -198,12 +198,12 @@ def plot_curves(rows: list[dict], path: Path, smooth: int = 5) -> bool:
     for col, rank in enumerate(ranks):
         curves = {r["method"]: np.asarray(r["train_curve"], float) for r in rows
                   if r["rank"] == rank}
+        ref = curves.get("lora")
         for method, curve in curves.items():
             window = np.ones(min(smooth, len(curve))) / min(smooth, len(curve))
             style = {"label": LABELS[method], "color": COLORS[method]}
             axes[0, col].plot(curve[len(window) - 1:, 0],
                               np.convolve(curve[:, 1], window, mode="valid"), **style)
-            ref = curves.get("lora")
             if ref is not None and method != "lora" and len(ref) == len(curve):
                 axes[1, col].plot(curve[:, 0], curve[:, 1] - ref[:, 1], **style)
         axes[0, col].set_title(f"r = {rank}")
