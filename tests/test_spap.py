@@ -13,6 +13,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tokenizers
 
@@ -253,6 +254,53 @@ def test_alternating_minimisation_never_increases_the_calibration_loss():
         assert after <= before, lr
         assert np.all(np.asarray(out["up_proj"]["kernel"])[:, 9:] == 0)
     assert after == before  # lr = 10: no round accepted
+
+
+def masked_am_reference(mlp, keep, x, y, *, rounds, steps, lr, ridge):
+    """The alternating minimisation at full width ``n``: Adam on gate/up with the pruned
+    columns' gradients zeroed, then the masked ridge solve with ``δ = ridge · mean(diag A)``
+    over all ``n`` neurons (float64 NumPy lstsq for the solve)."""
+    opt = optax.adam(lr)
+    wg, wu, wd = (mlp[k]["kernel"] for k in ("gate_proj", "up_proj", "down_proj"))
+
+    def loss(p, wd):
+        h = jax.nn.silu(x @ p[0]) * (x @ p[1])
+        return 0.5 * jnp.mean(jnp.sum(jnp.square(y - h @ wd), axis=-1))
+
+    best = loss((wg, wu), wd)
+    for _ in range(rounds):
+        params, state = (wg, wu), opt.init((wg, wu))
+        for _ in range(steps):
+            grads = [jnp.where(keep[None, :], g, 0.0) for g in jax.grad(loss)(params, wd)]
+            updates, state = opt.update(tuple(grads), state)
+            params = optax.apply_updates(params, updates)
+        h = np.asarray(jax.nn.silu(x @ params[0]) * (x @ params[1]))
+        delta = ridge * np.mean(np.sum(h * h, axis=0))
+        new_wd = jnp.asarray(ridge_reference(h, np.asarray(y), np.asarray(keep), delta),
+                             jnp.float32)
+        if not loss(params, new_wd) < best:
+            break
+        (wg, wu), wd, best = params, new_wd, loss(params, new_wd)
+    return {"gate_proj": {"kernel": wg}, "up_proj": {"kernel": wu}, "down_proj": {"kernel": wd}}
+
+
+def test_alternating_minimisation_equals_the_full_width_masked_problem():
+    """The rounds run on the gathered kept neurons; they must give the iterates of the masked
+    full-width problem (scattered back, zeros outside ``keep``)."""
+    mlp = random_mlp(jax.random.key(8), dim=8, n=24)
+    x = jax.random.normal(jax.random.key(9), (300, 8))
+    y = glu_forward(mlp, x)
+    keep = jax.random.permutation(jax.random.key(10), jnp.arange(24) < 15)
+    masked = {k: {"kernel": jnp.where(keep[None, :] if k != "down_proj" else keep[:, None],
+                                      v["kernel"], 0.0)} for k, v in mlp.items()}
+    options = {"rounds": 3, "steps": 6, "lr": 3e-3, "ridge": 0.05}
+    out = alternating_minimisation(masked, keep, x, y, **options)
+    ref = masked_am_reference(masked, keep, x, y, **options)
+    assert float(jnp.sum(jnp.square(glu_forward(out, x) - y))) \
+        < 0.9 * float(jnp.sum(jnp.square(glu_forward(masked, x) - y)))  # rounds were accepted
+    for name in out:
+        np.testing.assert_allclose(np.asarray(out[name]["kernel"]),
+                                   np.asarray(ref[name]["kernel"]), rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

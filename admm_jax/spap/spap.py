@@ -191,25 +191,25 @@ def _loss(wg: Array, wu: Array, wd: Array, x: Array, y: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("steps",))
-def _am_round(wg: Array, wu: Array, wd: Array, keep: Array, x: Array, y: Array, lr: Array,
-              ridge: Array, *, steps: int) -> tuple[Array, Array, Array, Array]:
-    """One round: ``steps`` Adam steps on ``(W_g, W_u)`` (pruned columns frozen at 0), then the
-    closed-form ``W_d``; returns the new weights and their loss."""
+def _am_round(wg: Array, wu: Array, wd: Array, x: Array, y: Array, lr: Array, ridge: Array, *,
+              steps: int) -> tuple[Array, Array, Array, Array]:
+    """One round on the kept neurons only (``wg, wu: [d, k]``, ``wd: [k, d]``): ``steps`` Adam
+    steps on ``(W_g, W_u)``, then the closed-form ``W_d``; returns the new weights and their
+    loss. ``ridge`` is relative to ``mean(diag A)`` over these ``k`` neurons."""
     opt = optax.adam(lr)
-    column = keep[None, :]
 
     def step(_, carry):
         params, state = carry
         grads = jax.grad(lambda p: _loss(*p, wd, x, y))(params)
-        grads = jax.tree_util.tree_map(lambda g: jnp.where(column, g, 0.0), grads)
         updates, state = opt.update(grads, state)
         return optax.apply_updates(params, updates), state
 
     (wg, wu), _ = lax.fori_loop(0, steps, step, ((wg, wu), opt.init((wg, wu))))
     h = hidden({"gate_proj": {"kernel": wg}, "up_proj": {"kernel": wu}}, x)
     gram = jnp.matmul(h.T, h, precision=_HI)
-    delta = ridge_value(gram, ridge)
-    wd = masked_solve(gram, jnp.matmul(h.T, y, precision=_HI), keep, jnp.full(keep.shape, delta))
+    everyone = jnp.ones(gram.shape[0], bool)
+    wd = masked_solve(gram, jnp.matmul(h.T, y, precision=_HI), everyone,
+                      jnp.full(everyone.shape, ridge_value(gram, ridge)))
     return wg, wu, wd, _loss(wg, wu, wd, x, y)
 
 
@@ -220,6 +220,8 @@ def alternating_minimisation(mlp: dict, keep: Array, x: Array, y: Array, *,
     ``steps`` Adam steps on ``W_g, W_u`` for ``½ mean_t ‖y_t − h_t W_d‖²`` with ``W_d`` fixed,
     then ``W_d = (H_KᵀH_K + δI)⁻¹ H_Kᵀ Y`` with ``W_g, W_u`` fixed. A round is accepted only if
     it lowers the calibration loss, so the result is never worse than ``mlp`` on ``(x, y)``.
+    The rounds run on the ``k`` kept neurons only (gathered, then scattered back): the iterates
+    of the masked ``[d, n]`` problem at ``k / n`` of its cost.
 
     Args:
         mlp: GLU parameters, zero outside ``keep`` (gate/up columns, down rows).
@@ -232,17 +234,22 @@ def alternating_minimisation(mlp: dict, keep: Array, x: Array, y: Array, *,
     Returns:
         The updated GLU parameters.
     """
-    wg, wu, wd = (jnp.asarray(mlp[k]["kernel"], jnp.float32)
-                  for k in ("gate_proj", "up_proj", "down_proj"))
+    kept = jnp.flatnonzero(jnp.asarray(keep, bool))
+    wg, wu = (jnp.asarray(mlp[k]["kernel"], jnp.float32)[:, kept] for k in ("gate_proj", "up_proj"))
+    wd = jnp.asarray(mlp["down_proj"]["kernel"], jnp.float32)[kept]
+    # δ relative to mean(diag A) over all n neurons, the pruned ones counting as zero energy
+    ridge_kept = jnp.float32(ridge * kept.size / keep.shape[0])
     best = _loss(wg, wu, wd, x, y)
     for _ in range(rounds):
-        new = _am_round(wg, wu, wd, keep, x, y, jnp.float32(lr), jnp.float32(ridge),
-                        steps=steps)
+        new = _am_round(wg, wu, wd, x, y, jnp.float32(lr), ridge_kept, steps=steps)
         if not bool(new[3] < best):
             break
         (wg, wu, wd), best = new[:3], new[3]
-    return {"gate_proj": {"kernel": wg}, "up_proj": {"kernel": wu},
-            "down_proj": {"kernel": wd}}
+    n, d = keep.shape[0], x.shape[-1]
+    columns = jnp.zeros((d, n), jnp.float32)
+    return {"gate_proj": {"kernel": columns.at[:, kept].set(wg)},
+            "up_proj": {"kernel": columns.at[:, kept].set(wu)},
+            "down_proj": {"kernel": jnp.zeros((n, d), jnp.float32).at[kept].set(wd)}}
 
 
 def spap_prune_mlp(mlp: dict, x: Array, n_keep: int, *, gram: Array | None = None,
