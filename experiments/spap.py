@@ -24,6 +24,9 @@ saved as a checkpoint (``runs/<name>/spap-<s>/``, loadable by ``python -m experi
 batch 1 × ``bench_tokens``; the FLOP ratio is XLA's cost analysis of the same forwards, so
 ``speed-up / FLOP ratio`` says how much of the saved arithmetic becomes time.
 
+Diagnostic (:func:`removed_energy`): per baseline score, the share of each dense block's
+neuron output energy ``‖H_i‖²‖W_i‖²`` that its pruned neurons carry.
+
 Rows are cached per (method, sparsity) in ``runs/<name>/rows/`` (``--rows_dir`` elsewhere, e.g.
 a committed folder, so that the sweep resumes on another machine; the speed comparison then
 times models of the same widths when a SPAP checkpoint was not kept, see
@@ -44,8 +47,9 @@ import numpy as np
 from admm_jax._checks import check_int, check_real
 from admm_jax.data import calibration_samples, corpus_meta, eval_batches
 from admm_jax.models.llama import abstract_params, forward
-from admm_jax.pruning import prune
-from admm_jax.spap import global_prune, kept_neurons, shrink_mlp
+from admm_jax.ops.projection import keep_count, topk_mask
+from admm_jax.pruning import capture_blocks, prune
+from admm_jax.spap import SCORES, global_prune, glu_stats, kept_neurons, neuron_scores, shrink_mlp
 from admm_jax.training import load_model
 from admm_jax.training.checkpoint import save_model
 from admm_jax.training.lm import make_nll_sum, perplexity
@@ -174,6 +178,45 @@ def row(ctx: Context, method: str, sparsity: float) -> dict:
     return cached_row(path, {**ctx.key, "method": method, "sparsity": sparsity}, compute)
 
 
+def removed_energy(ctx: Context, sparsities: list[float]) -> dict[str, list[float]]:
+    """Per baseline score and sparsity, one share per block of the dense MLP's output energy
+    that the score's pruned neurons carry: ``Σ_{i∉K} e_i / Σ_i e_i`` with ``e_i = ‖H_i‖² ‖W_i‖²``
+    (neuron ``i``'s own contribution ``‖H_i W_iᵀ‖²_F``, cross terms left out), on the dense
+    model's calibration activations. A score that drops neurons with small weights but large
+    activations shows up here before any refit can repair it."""
+    shares: dict[str, list[float]] = {f"{score}@{s:g}": [] for score in SCORES
+                                      for s in sparsities}
+
+    def record(block):
+        w = block.params["mlp"]["down_proj"]["kernel"]
+        energy = np.asarray(jnp.diagonal(block.stats.gram) * jnp.sum(jnp.square(w), axis=1))
+        for score in SCORES:
+            importance = neuron_scores(score, w, block.stats, block.n_tokens)
+            for s in sparsities:
+                keep = np.asarray(topk_mask(importance, max(1, keep_count(energy.size, s))))
+                shares[f"{score}@{s:g}"].append(float(energy[~keep].sum() / energy.sum()))
+        return block.params
+
+    capture_blocks(ctx.model.config, ctx.model.params, ctx.calibration, record, stats=glu_stats,
+                   verbose=False)
+    return shares
+
+
+def energy_markdown(shares: dict[str, list[float]]) -> str:
+    """The :func:`removed_energy` table: mean and largest share over the blocks."""
+    rows = []
+    for name, per_block in shares.items():
+        score, sparsity = name.split("@")
+        worst = int(np.argmax(per_block))
+        rows.append([score, f"{float(sparsity):.0%}", float(np.mean(per_block)),
+                     float(per_block[worst]), worst])
+    return ("\n## Dense MLP output energy in the pruned neurons\n\n"
+            "Share `Σ_{i pruned} ‖H_i‖²‖W_i‖² / Σ_i ‖H_i‖²‖W_i‖²` of each block's neurons' own "
+            "output energy on the calibration tokens, dense model, by baseline score.\n\n"
+            + markdown_table(["score", "MLP sparsity", "mean over blocks", "largest",
+                              "block of largest"], rows))
+
+
 def _saved(directory: Path) -> bool:
     return (directory / "model.json").exists() or any(directory.glob("*/model.json"))
 
@@ -215,7 +258,8 @@ def speed_rows(ctx: Context, sparsities: list[float]) -> list[dict]:
     return rows
 
 
-def summary_markdown(ctx: Context, rows: dict, speed: list[dict], command: str) -> str:
+def summary_markdown(ctx: Context, rows: dict, speed: list[dict], energy: dict,
+                     command: str) -> str:
     cfg = ctx.cfg
     sparsities, methods = _floats(cfg.sparsities), csv_items(cfg.methods)
     names = {"ppl": Path(cfg.corpus).name, "transfer_ppl": Path(cfg.transfer_corpus).name}
@@ -240,6 +284,7 @@ def summary_markdown(ctx: Context, rows: dict, speed: list[dict], command: str) 
              "peak bytes vs dense"],
             [[r["model"], r["tokens"], r["forward_s"], r["speedup"], r["flop_ratio"],
               r["speedup_over_flop_ratio"], r["peak_bytes_vs_dense"]] for r in speed]))
+    out.append(energy_markdown(energy))
     return "\n".join(out) + "\n"
 
 
@@ -255,14 +300,16 @@ def main(argv: list[str] | None = None) -> dict:
         for m in csv_items(cfg.methods):
             rows[m, s] = row(ctx, m, s)
     speed = speed_rows(ctx, sparsities) if "spap" in csv_items(cfg.methods) else []
-    summary = summary_markdown(ctx, rows, speed, "python -m experiments.spap "
+    energy = cached_row(ctx.rows / "energy.json", {**ctx.key, "sparsities": cfg.sparsities},
+                        lambda: {"shares": removed_energy(ctx, sparsities)})["shares"]
+    summary = summary_markdown(ctx, rows, speed, energy, "python -m experiments.spap "
                                + shlex.join(argv))
     (ctx.root / "summary.md").write_text(summary)
     Path(cfg.results).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.results).write_text(summary)
     print(summary)
     return {"rows": {f"{k[0]}@{k[1]:g}" if isinstance(k, tuple) else k: v
-                     for k, v in rows.items()}, "speed": speed}
+                     for k, v in rows.items()}, "speed": speed, "energy": energy}
 
 
 if __name__ == "__main__":

@@ -39,6 +39,10 @@ def test_spap_experiment_end_to_end(tmp_path, monkeypatch):
                          "--corpus", str(other), "--seq_len", "32", "--max_batches", "2"])
     assert np.isfinite(ppl)
     assert "| 50% |" in (tmp_path / "spap.md").read_text()
+    for score in ("magnitude", "wanda", "flap"):  # pruned sets grow with the sparsity
+        low, high = (np.asarray(result["energy"][f"{score}@{s}"]) for s in ("0.25", "0.5"))
+        assert low.shape == (config.n_layers,)
+        assert np.all(0 < low) and np.all(low <= high) and np.all(high < 1)
 
     # rows resumed from a cache without their SPAP checkpoint: the speed part times a model of
     # the same widths (same FLOPs), built by the magnitude selection
