@@ -47,9 +47,10 @@ import numpy as np
 from admm_jax._checks import check_int, check_real
 from admm_jax.data import calibration_samples, corpus_meta, eval_batches
 from admm_jax.models.llama import abstract_params, forward
-from admm_jax.ops.projection import keep_count, topk_mask
+from admm_jax.ops.projection import topk_mask
 from admm_jax.pruning import capture_blocks, prune
 from admm_jax.spap import SCORES, global_prune, glu_stats, kept_neurons, neuron_scores, shrink_mlp
+from admm_jax.spap.methods import neurons_kept
 from admm_jax.training import load_model
 from admm_jax.training.checkpoint import save_model
 from admm_jax.training.lm import make_nll_sum, perplexity
@@ -193,7 +194,7 @@ def removed_energy(ctx: Context, sparsities: list[float]) -> dict[str, list[floa
         for score in SCORES:
             importance = neuron_scores(score, w, block.stats, block.n_tokens)
             for s in sparsities:
-                keep = np.asarray(topk_mask(importance, max(1, keep_count(energy.size, s))))
+                keep = np.asarray(topk_mask(importance, neurons_kept(energy.size, s)))
                 shares[f"{score}@{s:g}"].append(float(energy[~keep].sum() / energy.sum()))
         return block.params
 

@@ -127,12 +127,18 @@ def prune_glu_block(block: CapturedBlock, n_keep: int, method: str,
     return {**block.params, "mlp": mlp}, glu_masks(result.keep, dim)
 
 
+def neurons_kept(n: int, sparsity: float) -> int:
+    """Neurons a block of width ``n`` keeps at ``sparsity``: ``keep_count(n, sparsity)``, at
+    least one."""
+    return max(1, keep_count(n, sparsity))
+
+
 def _hook(method: str) -> Callable[..., tuple[dict, dict[str, Array]]]:
     def prune_block(block: CapturedBlock, sparsity: float, structure: Structure,
                     **options: Any) -> tuple[dict, dict[str, Array]]:
         del structure  # always Channel
         n = block.config.block(block.index).mlp_dim
-        return prune_glu_block(block, max(1, keep_count(n, sparsity)), method, **options)
+        return prune_glu_block(block, neurons_kept(n, sparsity), method, **options)
 
     prune_block.__doc__ = f"Block hook of {method!r}: prune_glu_block at keep_count(n, sparsity)."
     return prune_block
