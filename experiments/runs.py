@@ -27,16 +27,22 @@ def run_dir(root: str | os.PathLike, name: str) -> Path:
     return path
 
 
+def stored_row(path: Path, key: dict) -> dict | None:
+    """The JSON row stored at ``path`` if it was computed under ``key``, else ``None``."""
+    row = json.loads(path.read_text()) if path.exists() else {}
+    return row if row.get("config") == key else None
+
+
 def cached_row(path: Path, key: dict, compute: Callable[[], dict], *,
                stale: Sequence[str] = ()) -> dict:
     """The JSON row stored at ``path`` if it was computed under ``key`` (its ``"config"``
     entry), else ``compute()`` stored with that key, after removing the ``stale`` entries
     (e.g. a half-finished ``train/`` run) next to ``path``: one result per setting, reused
     across invocations and recomputed when what it depends on changes."""
+    row = stored_row(path, key)
+    if row is not None:
+        return row
     if path.exists():
-        row = json.loads(path.read_text())
-        if row.get("config") == key:
-            return row
         print(f"{path} was computed under another format or config; recomputing", flush=True)
     for name in stale:
         shutil.rmtree(path.parent / name, ignore_errors=True)

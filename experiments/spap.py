@@ -30,7 +30,8 @@ neuron output energy ``‖H_i‖²‖W_i‖²`` that its pruned neurons carry.
 Rows are cached per (method, sparsity) in ``runs/<name>/rows/`` (``--rows_dir`` elsewhere, e.g.
 a committed folder, so that the sweep resumes on another machine; the speed comparison then
 times models of the same widths when a SPAP checkpoint was not kept, see
-:func:`shrunk_checkpoint`).
+:func:`shrunk_checkpoint`). ``--cached_only true`` renders the tables from the rows the cache
+holds, missing ones as –, without computing them (the speed and energy parts still run).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from admm_jax.training.lm import make_nll_sum, perplexity
 from experiments.bench_sparse import bench_models
 from experiments.cli import csv_items, parse_config, to_dict
 from experiments.loading import load_with_domains
-from experiments.runs import cached_row, markdown_table, run_dir
+from experiments.runs import cached_row, markdown_table, run_dir, stored_row
 
 METHODS = ("spap", "spap-global", "mag-neuron", "mag-neuron+refit", "flap", "flap+refit",
            "wanda-neuron", "wanda-neuron+refit")
@@ -90,6 +91,8 @@ class SpapConfig:
     rows_dir: str = ""
     """Directory of the per-(method, sparsity) row cache; empty = ``runs/<name>/rows``. Point it
     at a committed folder to resume the sweep on another machine."""
+    cached_only: bool = False
+    """Render the tables from the cached rows only; a missing (method, sparsity) shows as –."""
 
     def __post_init__(self):
         for s in _floats(self.sparsities):
@@ -144,7 +147,7 @@ class Context:
                                                cfg.calibration_len, seed=0)
         self.key = {k: v for k, v in to_dict(cfg).items()
                     if k not in ("name", "runs_root", "results", "sparsities", "methods",
-                                 "bench_tokens", "bench_repeats", "rows_dir")}
+                                 "bench_tokens", "bench_repeats", "rows_dir", "cached_only")}
         self.rows = Path(cfg.rows_dir) if cfg.rows_dir else self.root / "rows"
 
     def perplexities(self, config, params) -> dict[str, float]:
@@ -158,9 +161,9 @@ class Context:
                    meta={**corpus_meta(self.corpus), **extra})
 
 
-def row(ctx: Context, method: str, sparsity: float) -> dict:
+def row(ctx: Context, method: str, sparsity: float) -> dict | None:
     """Perplexities and parameter count of one (method, sparsity); the uniform SPAP model is
-    also saved for the speed comparison."""
+    also saved for the speed comparison. With ``cached_only``: the cached row or ``None``."""
 
     def compute():
         config, params = pruned_model(ctx.model, ctx.calibration, method, sparsity)
@@ -175,8 +178,9 @@ def row(ctx: Context, method: str, sparsity: float) -> dict:
               file=sys.stderr, flush=True)
         return out
 
-    path = ctx.rows / f"{method}-{sparsity:g}.json"
-    return cached_row(path, {**ctx.key, "method": method, "sparsity": sparsity}, compute)
+    path, key = ctx.rows / f"{method}-{sparsity:g}.json", {**ctx.key, "method": method,
+                                                             "sparsity": sparsity}
+    return stored_row(path, key) if ctx.cfg.cached_only else cached_row(path, key, compute)
 
 
 def removed_energy(ctx: Context, sparsities: list[float]) -> dict[str, list[float]]:
@@ -259,6 +263,10 @@ def speed_rows(ctx: Context, sparsities: list[float]) -> list[dict]:
     return rows
 
 
+def _first_params(rows: list[dict | None]) -> str:
+    return next((f"{r['params']:,}" for r in rows if r), "–")
+
+
 def summary_markdown(ctx: Context, rows: dict, speed: list[dict], energy: dict,
                      command: str) -> str:
     cfg = ctx.cfg
@@ -276,8 +284,9 @@ def summary_markdown(ctx: Context, rows: dict, speed: list[dict], energy: dict,
         out.append(f"\n## {label} perplexity\n")
         out.append(markdown_table(
             ["MLP sparsity", "params", *methods],
-            [[f"{s:.0%}", f"{rows[methods[0], s]['params']:,}",
-              *[rows[m, s][key] for m in methods]] for s in sparsities]))
+            [[f"{s:.0%}", _first_params([rows[m, s] for m in methods]),
+              *[rows[m, s][key] if rows[m, s] else "–" for m in methods]]
+             for s in sparsities]))
     if speed:
         out.append("\n## Forward speed against dense (batch 1)\n")
         out.append(markdown_table(

@@ -45,10 +45,18 @@ def test_spap_experiment_end_to_end(tmp_path, monkeypatch):
         assert np.all(0 < low) and np.all(low <= high) and np.all(high < 1)
 
     # rows resumed from a cache without their SPAP checkpoint: the speed part times a model of
-    # the same widths (same FLOPs), built by the magnitude selection
+    # the same widths (same FLOPs), built by the magnitude selection; --cached_only renders a
+    # row missing from the cache as – and does not compute it
     root = tmp_path / "runs" / "spap-smollm2"
     shutil.rmtree(root / "spap-0.5")
-    again = {r["model"]: r for r in spap.main(argv)["speed"]}
+    (root / "rows" / "flap-0.5.json").unlink()
+    rerun = spap.main([*argv, "--cached_only", "true"])
+    assert rerun["rows"]["flap@0.5"] is None and not (root / "rows" / "flap-0.5.json").exists()
+    assert rerun["rows"]["spap@0.5"] == result["rows"]["spap@0.5"]
+    assert "| 50% | {:,} |".format(dense - 3 * config.dim * (config.n_layers * n - sum(
+        result["rows"]["spap@0.5"]["mlp_dims"]))) in (tmp_path / "spap.md").read_text()
+    assert (tmp_path / "spap.md").read_text().count(" – |") == 2  # both domains' tables
+    again = {r["model"]: r for r in rerun["speed"]}
     assert (root / "widths-0.5" / "model.json").exists() or any(
         (root / "widths-0.5").glob("*/model.json"))
     assert again["spap@0.5"]["flops"] == speed["spap@0.5"]["flops"]
