@@ -260,6 +260,7 @@ def speed_rows(ctx: Context, sparsities: list[float]) -> list[dict]:
         r["speedup"] = 1.0 / r["forward_s_vs_dense"]
         r["flop_ratio"] = flops["dense", r["tokens"]] / r["flops"]
         r["speedup_over_flop_ratio"] = r["speedup"] / r["flop_ratio"]
+        r["checkpoint"] = Path(models[r["model"]]).name
     return rows
 
 
@@ -289,11 +290,16 @@ def summary_markdown(ctx: Context, rows: dict, speed: list[dict], energy: dict,
              for s in sparsities]))
     if speed:
         out.append("\n## Forward speed against dense (batch 1)\n")
+        out.append("Timed checkpoint: `spap-<s>` is the uniform SPAP model its row saved; "
+                   "`widths-<s>` stands in for it when the row came from the cache (same "
+                   "per-layer widths, magnitude selection: time, memory and FLOPs depend on the "
+                   "widths only).\n")
         out.append(markdown_table(
-            ["model", "tokens", "forward s", "speed-up", "FLOP ratio", "speed-up / FLOP ratio",
-             "peak bytes vs dense"],
-            [[r["model"], r["tokens"], r["forward_s"], r["speedup"], r["flop_ratio"],
-              r["speedup_over_flop_ratio"], r["peak_bytes_vs_dense"]] for r in speed]))
+            ["model", "checkpoint", "tokens", "forward s", "speed-up", "FLOP ratio",
+             "speed-up / FLOP ratio", "peak bytes vs dense"],
+            [[r["model"], r["checkpoint"], r["tokens"], r["forward_s"], r["speedup"],
+              r["flop_ratio"], r["speedup_over_flop_ratio"], r["peak_bytes_vs_dense"]]
+             for r in speed]))
     out.append(energy_markdown(energy))
     return "\n".join(out) + "\n"
 

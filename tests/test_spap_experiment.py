@@ -60,3 +60,6 @@ def test_spap_experiment_end_to_end(tmp_path, monkeypatch):
     assert (root / "widths-0.5" / "model.json").exists() or any(
         (root / "widths-0.5").glob("*/model.json"))
     assert again["spap@0.5"]["flops"] == speed["spap@0.5"]["flops"]
+    assert [speed["spap@0.5"]["checkpoint"], again["spap@0.5"]["checkpoint"],
+            again["spap@0.25"]["checkpoint"]] == ["spap-0.5", "widths-0.5", "spap-0.25"]
+    assert "| spap@0.5 | widths-0.5 |" in (tmp_path / "spap.md").read_text()
