@@ -178,8 +178,8 @@ def row(ctx: Context, method: str, sparsity: float) -> dict | None:
               file=sys.stderr, flush=True)
         return out
 
-    path, key = ctx.rows / f"{method}-{sparsity:g}.json", {**ctx.key, "method": method,
-                                                             "sparsity": sparsity}
+    path = ctx.rows / f"{method}-{sparsity:g}.json"
+    key = {**ctx.key, "method": method, "sparsity": sparsity}
     return stored_row(path, key) if ctx.cfg.cached_only else cached_row(path, key, compute)
 
 
