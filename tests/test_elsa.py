@@ -1,5 +1,6 @@
 """ELSA split: planted sparse support recovery on least squares (isotropic, and anisotropic
-where only the Hessian-aware projection finds it), N:M, finalize exactness."""
+where only the Hessian-aware projection finds it), N:M, planted b × b tiles (per tensor and one
+global tile budget), finalize exactness."""
 
 import textwrap
 
@@ -12,8 +13,9 @@ import pytest
 from admm_jax.core import admm_metrics, admm_state, block_states, rho_ramp, state_memory
 from admm_jax.core.state import DecoupledState
 from admm_jax.core.storage import StateStorage, Stored, nbytes, storage_dtype
-from admm_jax.elsa import elsa, finalize, masked_updates, sparsity_split
-from admm_jax.ops.projection import topk_mask
+from admm_jax.elsa import elsa, finalize, make_projection, masked_updates, sparsity_split
+from admm_jax.ops.projection import keep_count, topk_mask
+from admm_jax.ops.structures import expand_tiles, tile_grid
 
 
 def planted_problem(seed=0, d_in=64, d_out=8, n=40, sparsity=0.9):
@@ -178,6 +180,8 @@ def test_bad_arguments():
         elsa(0.5, structure="2:4", mask={"w": True}).init({"w": jnp.zeros((6, 3))})
     with pytest.raises(ValueError, match="interval"):
         elsa(0.5, interval=0)
+    with pytest.raises(ValueError, match="block size must be an integer >= 1"):
+        sparsity_split(0.5, structure="block0")
 
 
 def test_global_scope_recovers_unequal_per_tensor_densities():
@@ -214,6 +218,112 @@ def test_global_scope_recovers_unequal_per_tensor_densities():
         sparsity_split(0.5, structure="2:4", scope="global")
     with pytest.raises(ValueError, match="scope"):
         sparsity_split(0.5, scope="layer")
+
+
+def planted_block_problem(seed=0, tiles=((0, 0), (1, 2), (3, 1)), d_in=64, d_out=40, n=48,
+                          b=16):
+    """Least squares whose weights are non-zero on whole ``b × b`` tiles only (``d_out = 40``:
+    the last column of tiles is 8 outputs wide, and tile (1, 2) is such a partial tile)."""
+    rng = np.random.default_rng(seed)
+    planted = np.zeros(tile_grid((d_in, d_out), b), bool)
+    planted[tuple(zip(*tiles))] = True
+    support = np.asarray(expand_tiles(jnp.asarray(planted), b, (d_in, d_out)))
+    w_true = (rng.choice([-1.0, 1.0], size=(d_in, d_out))
+              * (0.5 + np.abs(rng.normal(size=(d_in, d_out)))) * support)
+    a = rng.normal(size=(n, d_in))
+    y = a @ w_true + 0.01 * rng.normal(size=(n, d_out))
+    return jnp.asarray(a, jnp.float32), jnp.asarray(y, jnp.float32), w_true, planted
+
+
+def tiles_of(mask: np.ndarray, b: int = 16) -> np.ndarray:
+    """The ``[R, C]`` tile mask of a block mask, after checking every tile is all or nothing."""
+    mask = np.asarray(mask)
+    rows, cols = tile_grid(mask.shape, b)
+    padded = np.pad(mask, ((0, rows * b - mask.shape[0]), (0, cols * b - mask.shape[1])),
+                    mode="edge").reshape(rows, b, cols, b)
+    assert np.array_equal(padded.all((1, 3)), padded.any((1, 3))), "a tile is split"
+    return padded.all((1, 3))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_block_structure_recovers_planted_tiles(weighted):
+    """``structure="block16"``: the mask of every projection and of finalize keeps whole tiles,
+    exactly keep_count(12, 0.75) = 3 of them, the planted ones, and the weights are recovered."""
+    a, y, w_true, planted = planted_block_problem()
+    sparsity = 1 - planted.mean()
+    tx = optax.chain(elsa(sparsity, rho=0.5, interval=5, structure="block16", weighted=weighted,
+                          mask={"w": True}), optax.sgd(0.05))
+    params, state = fit(tx, a, y, 600)
+    np.testing.assert_array_equal(tiles_of(block_states(state)["w"].split.mask), planted)
+    final, masks = finalize(params, state, sparsity, structure="block16", weighted=weighted)
+    kept = tiles_of(masks["w"])
+    assert kept.sum() == keep_count(kept.size, sparsity) == 3
+    np.testing.assert_array_equal(kept, planted)
+    np.testing.assert_array_equal(np.asarray(final["w"]) != 0, w_true != 0)
+    np.testing.assert_allclose(final["w"], w_true, atol=0.05)
+    assert float(admm_metrics(state)["w/sparsity"]) == pytest.approx(np.mean(w_true == 0))
+
+
+def test_global_block_scope_recovers_unequal_tile_counts():
+    """Four planted tiles in one tensor and two in the other: one budget of keep_count(24, 0.75)
+    = 6 tiles finds both; the per-tensor rule (3 tiles each) cannot."""
+    a, ya, wa, ta = planted_block_problem(1, tiles=((0, 0), (1, 1), (2, 2), (3, 0)))
+    _, _, wb, tb = planted_block_problem(2, tiles=((1, 0), (2, 1)))
+    yb = a @ jnp.asarray(wb, jnp.float32)
+    tx = optax.chain(elsa(0.75, rho=0.5, interval=5, structure="block16", scope="global",
+                          mask=".*"), optax.sgd(0.05))
+    params = {"a": jnp.zeros(wa.shape), "b": jnp.zeros(wb.shape)}
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        def loss(p):
+            return 0.5 * (jnp.mean(jnp.sum((a @ p["a"] - ya) ** 2, -1))
+                          + jnp.mean(jnp.sum((a @ p["b"] - yb) ** 2, -1)))
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(600):
+        params, state = step(params, state)
+    _, masks = finalize(params, state, 0.75, structure="block16", scope="global")
+    np.testing.assert_array_equal(tiles_of(masks["a"]), ta)
+    np.testing.assert_array_equal(tiles_of(masks["b"]), tb)
+    _, per_tensor = finalize(params, state, 0.75, structure="block16")
+    assert tiles_of(per_tensor["a"]).sum() == tiles_of(per_tensor["b"]).sum() == 3
+
+
+def test_global_block_projection_equals_a_sort_of_all_tiles():
+    """The global tile budget against a stable sort of the concatenated tile sums of h·v², with
+    tied tiles (list order, then row-major, earliest first) and a shape the tiles do not
+    divide."""
+    def reference(vs, hs, sparsity):
+        sums, owners = [], []
+        for i, (v, h) in enumerate(zip(vs, hs)):
+            score = h * v ** 2
+            for r in range(0, v.shape[0], 16):
+                for c in range(0, v.shape[1], 16):
+                    sums.append(score[r:r + 16, c:c + 16].sum())
+                    owners.append((i, r // 16, c // 16))
+        kept = np.argsort(-np.asarray(sums), kind="stable")[:keep_count(len(sums), sparsity)]
+        expected = [np.zeros(tile_grid(v.shape, 16), bool) for v in vs]
+        for t in kept:
+            i, r, c = owners[t]
+            expected[i][r, c] = True
+        return expected
+
+    rng = np.random.default_rng(7)
+    random = [rng.normal(size=(37, 70)), rng.normal(size=(32, 32)) * 1.5,
+              rng.normal(size=(16, 5))]
+    ties = [np.ones((32, 32)), np.ones((16, 48))]  # seven tiles of sum 256, five kept
+    for vs, hs, sparsity in ((random, [rng.random(v.shape) for v in random], 0.6),
+                             (ties, ties, 0.3)):
+        masks = make_projection(sparsity, "block16", "global")(
+            [jnp.asarray(v, jnp.float32) for v in vs], [jnp.asarray(h, jnp.float32) for h in hs])
+        for mask, truth in zip(masks, reference(vs, hs, sparsity)):
+            np.testing.assert_array_equal(tiles_of(mask), truth)
+    assert tiles_of(masks[1]).tolist() == [[True, False, False]]
+    with pytest.raises(ValueError, match="scope='tensor'"):
+        make_projection(0.5, "channel", "global")
 
 
 @pytest.mark.parametrize("dtype, scaling, bound", [

@@ -30,8 +30,9 @@ def finalize(params: Any, opt_state: Any, sparsity: float,
 
     Returns:
         ``(params, masks)``: params with exactly the target sparsity (per constrained block, or
-        in total for ``scope="global"``), and ``{path: bool mask}`` for fine-tuning with a fixed
-        mask (:func:`masked_updates`).
+        in total for ``scope="global"``; for a block structure, exactly the target fraction of
+        whole tiles), and ``{path: bool mask}`` for fine-tuning with a fixed mask
+        (:func:`masked_updates`).
     """
     project = make_projection(sparsity, structure, scope, weighted)
     blocks = block_states(opt_state)

@@ -1,14 +1,15 @@
 """ELSA: surrogate-free ADMM pruning as an ADMM split.
 
 The constraint set is ``C = {Z : ‖Z‖₀ ≤ k}`` — per tensor, globally over all constrained tensors,
-or an N:M pattern along the input dimension. Its prox is the hard projection that keeps the
-entries with the largest *score*: ``v²``, or ``h·v²`` (ELSA's objective-aware projection) with
-``h`` the transform's EMA of the squared raw gradient ``∇f(W)`` (a diagonal Hessian estimate; see
-:mod:`admm_jax.core.admm`). :func:`elsa`
-is :func:`admm_jax.core.admm.admm` with this split; :func:`admm_jax.elsa.finalize.finalize`
-applies the final hard projection and returns the masks; :func:`admm_jax.elsa.finalize.
-masked_updates` keeps them fixed during fine-tuning. Structures are the values of
-:mod:`admm_jax.ops.structures` (or their strings): unstructured, N:M and, per tensor, channel.
+an N:M pattern along the input dimension, whole channels or whole ``b × b`` tiles. Its prox is
+the hard projection that keeps the entries (or tiles) with the largest *score*: ``v²``, or
+``h·v²`` (ELSA's objective-aware projection) with ``h`` the transform's EMA of the squared raw
+gradient ``∇f(W)`` (a diagonal Hessian estimate; see :mod:`admm_jax.core.admm`), summed per tile
+for block structures. :func:`elsa` is :func:`admm_jax.core.admm.admm` with this split;
+:func:`admm_jax.elsa.finalize.finalize` applies the final hard projection and returns the masks;
+:func:`admm_jax.elsa.finalize.masked_updates` keeps them fixed during fine-tuning. Structures
+are the values of :mod:`admm_jax.ops.structures` (or their strings): unstructured, N:M, channel
+(per tensor only) and block (``"block16"``: per tensor or global).
 
 * λ schedules (constant, linear, cosine, exponential): :func:`admm_jax.core.schedules.rho_ramp`
   passed as ``rho_schedule``; residual balancing: ``residual_balancing=(1.5, 2.0)`` (ELSA's μ, τ).
@@ -21,6 +22,9 @@ masked_updates` keeps them fixed during fine-tuning. Structures are the values o
 * Global sparsity (``scope="global"``) keeps the k largest scores over all constrained tensors
   by a bisection threshold (:func:`admm_jax.ops.projection.global_topk_masks`); its Z is initialised
   with the per-tensor projection at the same sparsity and becomes global at the first stage 2.
+  With a :class:`~admm_jax.ops.structures.Block` structure the same bisection runs over the tile
+  scores (``h·v²`` summed per ``b × b`` tile) of all tensors: one budget of ``keep_count(Σ tiles,
+  sparsity)`` whole tiles. N:M and channel have no global form (their groups are per tensor).
 
 Choices where the paper is silent: the Hessian estimate is kept by the transform (an EMA of the
 raw squared gradient, decay Adam's β₂ = 0.999 by default) rather than read from the chained Adam
@@ -48,11 +52,14 @@ from admm_jax.core.storage import StateStorage
 from admm_jax.core.tree import SelectionSpec
 from admm_jax.ops.projection import global_topk_masks, keep_count, scores_of
 from admm_jax.ops.structures import (
+    Block,
     StructureSpec,
     Unstructured,
     effective_sparsity,
+    expand_tiles,
     parse_structure,
     structure_mask,
+    tile_scores,
 )
 
 Array = jax.Array
@@ -79,25 +86,40 @@ def sparsity_metrics(state: SparsityState) -> dict[str, Array]:
             "sparsity": 1.0 - jnp.mean(state.mask, dtype=jnp.float32)}
 
 
+def _global_tile_masks(pairs: list[tuple[Array, Array | None]], block: Block,
+                       sparsity: float) -> list[Array]:
+    """Masks keeping the ``keep_count(Σ tiles, sparsity)`` tiles with the largest summed score
+    over all tensors (ties: list order, then row-major tile order): the global bisection of
+    :func:`~admm_jax.ops.projection.global_topk_masks` on the tile scores, which are ``b²``
+    times smaller than the tensors and so stored."""
+    tiles = [tile_scores(_pair_scores(p), block.size) for p in pairs]
+    keeps = global_topk_masks(tiles, keep_count(sum(t.size for t in tiles), sparsity))
+    return [expand_tiles(keep, block.size, v.shape) for keep, (v, _) in zip(keeps, pairs)]
+
+
 def make_projection(sparsity: float, structure: StructureSpec = "unstructured",
                     scope: Scope = "tensor", weighted: bool = True) -> Projection:
     """``(vs, curvatures) -> masks`` over a list of blocks.
 
     ``scope="tensor"``: every tensor alone under ``structure``
     (:func:`admm_jax.ops.structures.structure_mask`: the ``keep_count(size, sparsity)`` largest
-    scores, an N:M pattern, or whole channels); ``scope="global"``: the
-    ``keep_count(Σ size, sparsity)`` largest scores over all tensors together (unstructured
+    scores, an N:M pattern, whole channels, or the ``keep_count(tiles, sparsity)`` ``b × b``
+    tiles with the largest summed score); ``scope="global"``: the ``keep_count(Σ size,
+    sparsity)`` largest scores over all tensors together, or for a block structure the
+    ``keep_count(Σ tiles, sparsity)`` largest tile scores (N:M and channel are per tensor
     only). Scores are ``h·v²`` when ``weighted`` and a curvature is given, else ``v²``.
     """
     structure = parse_structure(structure)
     check_choice("scope", scope, get_args(Scope))
-    if scope == "global" and not isinstance(structure, Unstructured):
+    if scope == "global" and not isinstance(structure, (Unstructured, Block)):
         raise ValueError(f"structure {structure} is a per-tensor pattern (N:M groups or whole "
                          "channels); use scope='tensor'")
     target = effective_sparsity(structure, sparsity)
 
     def project(vs: list[Array], curvatures: list[Array | None]) -> list[Array]:
         pairs = [(v, h if weighted else None) for v, h in zip(vs, curvatures)]
+        if scope == "global" and isinstance(structure, Block):
+            return _global_tile_masks(pairs, structure, target)
         if scope == "global":
             k = keep_count(sum(v.size for v in vs), target)
             return global_topk_masks(pairs, k, score_fn=_pair_scores)
@@ -109,14 +131,18 @@ def make_projection(sparsity: float, structure: StructureSpec = "unstructured",
 def sparsity_split(sparsity: float, structure: StructureSpec = "unstructured",
                    scope: Scope = "tensor", weighted: bool = True, *,
                    curvature_decay: float = 0.999) -> Split:
-    """Hard projection onto ``‖Z‖₀ ≤ k`` (per tensor or global), an N:M pattern or channels.
+    """Hard projection onto ``‖Z‖₀ ≤ k`` (per tensor or global), an N:M pattern, channels or
+    ``b × b`` tiles.
 
     Args:
-        sparsity: fraction of zeros in ``[0, 1)`` (ignored for N:M, which fixes ``1 − N/M``).
+        sparsity: fraction of zeros in ``[0, 1)`` (ignored for N:M, which fixes ``1 − N/M``; a
+            fraction of tiles for block).
         structure: ``"unstructured"``, ``"N:M"`` (``"2:4"``, ``"4:8"``) along axis 0,
-            ``"channel"`` (whole output units, per tensor), or an
+            ``"channel"`` (whole output units, per tensor), ``"blockB"`` (``"block16"``: whole
+            ``B × B`` tiles, partial edge tiles included), or an
             :mod:`admm_jax.ops.structures` value.
-        scope: ``"tensor"`` (every tensor at ``sparsity``) or ``"global"`` (one budget).
+        scope: ``"tensor"`` (every tensor at ``sparsity``) or ``"global"`` (one budget, of
+            entries or, for block, of tiles).
         weighted: score entries by ``h·v²``, with ``h`` the transform's EMA of the squared raw
             gradients.
         curvature_decay: decay in ``[0, 1)`` of that EMA (used only when ``weighted``).
@@ -168,8 +194,8 @@ def elsa(sparsity: float, rho: RhoSpec = 1e-3, *, structure: StructureSpec = "un
     Args:
         sparsity: target fraction of zeros, in ``[0, 1)``.
         rho: λ of the proximal term ``λ(w − z + u)`` (float or per-block function).
-        structure: ``"unstructured"``, ``"2:4"``, ``"4:8"``, ``"channel"``, ... (see
-            :func:`sparsity_split`).
+        structure: ``"unstructured"``, ``"2:4"``, ``"4:8"``, ``"channel"``, ``"block16"``, ...
+            (see :func:`sparsity_split`).
         scope: ``"tensor"`` or ``"global"`` (one top-k over all constrained tensors).
         interval: steps between projections (≥ 1).
         weighted: objective-aware projection by ``h·v²``, with ``h ← d·h + (1 − d)·g²`` the EMA
