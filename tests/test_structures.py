@@ -12,6 +12,7 @@ from admm_jax.ops.structures import (
     Block,
     Channel,
     Unstructured,
+    block_tiles,
     check_kernel_structure,
     effective_sparsity,
     expand_tiles,
@@ -183,3 +184,17 @@ def test_block_sparsity_and_tiling_helpers():
         expand_tiles(jnp.ones((3, 4), bool), 16, (37, 70))
     mask = np.asarray(structure_mask(jnp.ones((37, 70)), "block16", 0.0))
     assert mask.all()  # the padding never survives as a kept entry outside the true shape
+
+
+def test_block_tiles_inverts_expand_tiles_and_names_split_tiles():
+    tiles = np.random.default_rng(8).random((3, 5)) < 0.5
+    mask = expand_tiles(jnp.asarray(tiles), 16, (37, 70))
+    np.testing.assert_array_equal(block_tiles(mask, 16), tiles)
+    np.testing.assert_array_equal(block_tiles(jnp.zeros((37, 70), bool), 16), False)
+    broken = np.asarray(mask).copy()
+    broken[36, 69] = ~broken[36, 69]  # the last entry of the 5 × 6 corner tile
+    with pytest.raises(ValueError, match=r"not block16-structured: tile \(2, 4\) \(inputs "
+                                         r"32:37, outputs 64:70\) is partly kept"):
+        block_tiles(broken, 16)
+    with pytest.raises(ValueError, match="2-D"):
+        block_tiles(jnp.ones(16, bool), 16)

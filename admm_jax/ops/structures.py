@@ -15,9 +15,11 @@ Block tiling: a ``[in, out]`` kernel is zero-padded up to ``[⌈in/b⌉·b, ⌈o
 padding is a *partial* tile and still counts as one tile. A tile's score is the sum of its true
 entries' scores (:func:`tile_scores`; the padding adds nothing), the ``keep_count(R·C,
 sparsity)`` tiles with the largest sums are kept (ties: earliest tile in row-major tile order)
-and the tile mask is broadcast back to the kernel's true shape (:func:`expand_tiles`). The
-caller's ``sparsity`` is thus a fraction of *tiles*; the fraction of zeroed entries differs from
-it by at most what the partial tiles contribute (none when ``b`` divides both dimensions).
+and the tile mask is broadcast back to the kernel's true shape (:func:`expand_tiles`;
+:func:`block_tiles` reads it back from a mask, checking that no tile is split). The caller's
+``sparsity`` is thus a fraction of *tiles*: it is also the fraction of zeroed entries when ``b``
+divides both dimensions, and otherwise depends on which partial tiles are kept (a partial tile
+sums fewer entries, so it ranks below a full tile of the same entry scores).
 
 ELSA's projection, its ``finalize`` and the one-shot pruners all take a structure (or its string
 form, :func:`parse_structure`) and call :func:`structure_mask`, so a new structure is one class
@@ -190,6 +192,27 @@ def expand_tiles(tiles: Array, size: int, shape: tuple[int, int]) -> Array:
                          f"with {size} × {size} tiles (expected {tile_grid(shape, size)})")
     full = jnp.broadcast_to(tiles[:, None, :, None], (rows, size, cols, size))
     return full.reshape(rows * size, cols * size)[:shape[0], :shape[1]]
+
+
+def block_tiles(mask: Array, size: int) -> Array:
+    """The bool ``[R, C]`` tile mask of a block-structured ``[in, out]`` keep mask (the inverse of
+    :func:`expand_tiles`), after checking that every ``size × size`` tile is kept or pruned
+    whole. An eager check (it reads the mask's values): ``ValueError`` naming a split tile."""
+    mask = jnp.asarray(mask, bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be a 2-D [in, out] array, got shape {mask.shape}")
+    rows, cols = tile_grid(mask.shape, size)
+    pad = ((0, rows * size - mask.shape[0]), (0, cols * size - mask.shape[1]))
+    every = jnp.pad(mask, pad, constant_values=True).reshape(rows, size, cols, size)
+    some = jnp.pad(mask, pad, constant_values=False).reshape(rows, size, cols, size)
+    every, some = jnp.all(every, axis=(1, 3)), jnp.any(some, axis=(1, 3))
+    split = jnp.argwhere(every != some)
+    if split.shape[0]:
+        r, c = (int(i) for i in split[0])
+        raise ValueError(f"mask is not {Block(size)}-structured: tile ({r}, {c}) (inputs "
+                         f"{r * size}:{min((r + 1) * size, mask.shape[0])}, outputs "
+                         f"{c * size}:{min((c + 1) * size, mask.shape[1])}) is partly kept")
+    return every
 
 
 def structure_mask(score: Array, structure: StructureSpec, sparsity: float) -> Array:

@@ -16,15 +16,20 @@ the papers is ``Wᵀ``: an output "row" of the papers is a column here, an input
 =========  ===========================================  ==========================================
 method     score                                        mask selection
 =========  ===========================================  ==========================================
-magnitude  ``|W_ij|``                                   per tensor; N:M; whole output channels
-Wanda      ``|W_ij| · ‖X_i‖₂``                          top-k per output (column); N:M
+magnitude  ``|W_ij|``                                   per tensor; N:M; whole output channels;
+                                                        ``b × b`` tiles per tensor
+Wanda      ``|W_ij| · ‖X_i‖₂``                          top-k per output (column); N:M; ``b × b``
+                                                        tiles per tensor
 SparseGPT  ``W_ij² / [U]_ii²``, ``H⁻¹ = UᵀU``            per ``blocksize`` inputs with OBS updates;
-                                                        N:M
+                                                        N:M; ``b × b`` tiles per row of tiles
 =========  ===========================================  ==========================================
 
 Structures are the values of :mod:`admm_jax.ops.structures` (or their strings ``"unstructured"``,
-``"2:4"``, ``"channel"``); ``N:M`` keeps ``N`` of every ``M`` consecutive inputs of each output
-(``M`` must divide every input dimension) and fixes the sparsity at ``1 − N/M``.
+``"2:4"``, ``"channel"``, ``"block16"``); ``N:M`` keeps ``N`` of every ``M`` consecutive inputs
+of each output (``M`` must divide every input dimension) and fixes the sparsity at ``1 − N/M``;
+``blockB`` prunes whole ``B × B`` tiles of the kernel (a kernel the tiles do not divide has
+partial edge tiles) and its sparsity is a fraction of tiles, scored by the method's score summed
+over each tile.
 """
 
 from typing import Any

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from admm_jax.ops.structures import (
     NM,
+    Block,
     Channel,
     Structure,
     StructureSpec,
@@ -38,13 +39,16 @@ def magnitude_prune(w: Array, *, sparsity: float = 0.5,
 
     * unstructured: the ``keep_count(size, sparsity)`` largest entries of the tensor;
     * ``N:M``: the ``N`` largest of every ``M`` consecutive inputs of each output;
-    * channel: the ``keep_count(out, sparsity)`` output columns with the largest ``Σ_i |W_ij|``.
+    * channel: the ``keep_count(out, sparsity)`` output columns with the largest ``Σ_i |W_ij|``;
+    * block ``b``: the ``keep_count(⌈in/b⌉·⌈out/b⌉, sparsity)`` ``b × b`` tiles with the largest
+      ``Σ |W_ij|`` over the tile (partial edge tiles count as tiles), whole.
 
     Args:
         w: kernel ``[in, out]``.
-        sparsity: fraction of zeros in ``[0, 1)`` (of the tensor, or of the output columns for
-            channel; ignored for ``N:M``).
-        structure: ``"unstructured"``, ``"N:M"``, ``"channel"`` or a structure value.
+        sparsity: fraction of zeros in ``[0, 1)`` (of the tensor, of the output columns for
+            channel, of the tiles for block; ignored for ``N:M``).
+        structure: ``"unstructured"``, ``"N:M"``, ``"channel"``, ``"blockB"`` (e.g.
+            ``"block16"``) or a structure value.
 
     Returns:
         ``(pruned kernel, keep mask)`` with ``pruned = where(mask, w, 0)``.
@@ -55,4 +59,4 @@ def magnitude_prune(w: Array, *, sparsity: float = 0.5,
 
 #: The registration of magnitude pruning (data-free, every structure).
 MAGNITUDE = register_pruner("magnitude", per_kernel(magnitude_prune), stats=None,
-                            structures=(Unstructured, NM, Channel))
+                            structures=(Unstructured, NM, Channel, Block))

@@ -30,6 +30,7 @@ from admm_jax._checks import check_real
 from admm_jax.models.llama import LlamaConfig
 from admm_jax.ops.structures import (
     NM,
+    Block,
     Channel,
     Structure,
     StructureSpec,
@@ -47,7 +48,7 @@ BlockPruneFn = Callable[..., tuple[dict, dict[str, Array]]]
 #: ``(kernel [in, out], stat or None, *, sparsity, structure, **options) -> (kernel, mask)``.
 KernelPruneFn = Callable[..., tuple[Array, Array]]
 
-ALL_STRUCTURES: tuple[type, ...] = (Unstructured, NM, Channel)
+ALL_STRUCTURES: tuple[type, ...] = (Unstructured, NM, Channel, Block)
 
 
 class Pruner(NamedTuple):
@@ -101,7 +102,8 @@ def register_pruner(name: str, prune_block: BlockPruneFn, *, stats: Statistic | 
         prune_block: the block hook (see :class:`Pruner`; :func:`per_kernel` builds one from a
             per-kernel function).
         stats: statistic to capture per block, or ``None`` (no calibration needed).
-        structures: supported structure types (a subset of ``(Unstructured, NM, Channel)``).
+        structures: supported structure types (a subset of :data:`ALL_STRUCTURES`:
+            ``(Unstructured, NM, Channel, Block)``).
         defaults: the method's options and their defaults.
         check: optional eager argument check, see :class:`Pruner`.
         replace: allow overwriting an existing registration.
@@ -232,8 +234,10 @@ def prune(model: LlamaConfig | nnx.GraphDef, params: dict, calibration: Any = No
             :func:`admm_jax.data.calibration_samples`); required by methods with a statistic
             (``"wanda"``, ``"sparsegpt"``), ignored by data-free ones (``"magnitude"``).
         method: a name in :data:`PRUNERS` (``"magnitude"``, ``"wanda"``, ``"sparsegpt"``, ...).
-        sparsity: fraction of zeros in ``[0, 1)`` (ignored for ``N:M``).
-        structure: ``"unstructured"``, ``"N:M"`` (e.g. ``"2:4"``) or ``"channel"``, or the value
+        sparsity: fraction of zeros in ``[0, 1)`` (ignored for ``N:M``; a fraction of tiles
+            for block).
+        structure: ``"unstructured"``, ``"N:M"`` (e.g. ``"2:4"``), ``"channel"`` or
+            ``"blockB"`` (e.g. ``"block16"``), or the value
             (:class:`~admm_jax.ops.structures.NM` ``(2, 4)``, ...); must be one the method
             supports. Default: unstructured, or the method's first structure where it has no
             unstructured one (SPAP's ``channel``).

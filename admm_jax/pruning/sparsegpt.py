@@ -18,8 +18,16 @@ from jax import lax
 
 from admm_jax._checks import check_int, check_real
 from admm_jax.models.llama import LlamaConfig
-from admm_jax.ops.projection import nm_mask, prune_count
-from admm_jax.ops.structures import NM, Structure, StructureSpec, Unstructured
+from admm_jax.ops.projection import prune_count
+from admm_jax.ops.structures import (
+    NM,
+    Block,
+    Structure,
+    StructureSpec,
+    Unstructured,
+    effective_sparsity,
+    structure_mask,
+)
 from admm_jax.pruning.capture import gram_stats
 from admm_jax.pruning.registry import check_kernel_args, per_kernel, register_pruner
 
@@ -29,11 +37,24 @@ BLOCKSIZE = 128  # inputs per lazy-update block (the paper's value)
 PERCDAMP = 0.01  # dampening relative to mean(diag H) (the paper's value)
 
 
+def _group_size(structure: Structure) -> int | None:
+    """Inputs whose mask is chosen together in the sweep: ``M`` for N:M, ``b`` (one row of
+    tiles) for block, ``None`` for unstructured (chosen per lazy-update block)."""
+    if isinstance(structure, NM):
+        return structure.m
+    if isinstance(structure, Block):
+        return structure.size
+    return None
+
+
 def _check_options(blocksize: Any, percdamp: Any, structure: Structure) -> None:
     check_int("blocksize", blocksize, 1)
     if isinstance(structure, NM) and blocksize % structure.m:
         raise ValueError(f"blocksize ({blocksize}) must be a multiple of M = {structure.m} for "
                          f"{structure} sparsity")
+    if isinstance(structure, Block) and blocksize % structure.size:
+        raise ValueError(f"blocksize ({blocksize}) must be a multiple of the block size "
+                         f"{structure.size} for {structure} sparsity")
     check_real("percdamp", percdamp, low=0.0)
 
 
@@ -90,21 +111,28 @@ def _prepare(w: Array, h: Array, percdamp: Array, blocksize: int) -> tuple[Array
     return w, u, jnp.arange(d) < d_in
 
 
-def _select_group(nm: tuple[int, int], i: Array, prune1: Array, w1: Array, d1: Array) -> Array:
-    """N:M at every M-th input: prune the M − N lowest ``w²/[U]_ii²`` of the next M inputs."""
-    n, m = nm
-    wg = lax.dynamic_slice_in_dim(w1, i, m, 0)
-    dg = lax.dynamic_slice_in_dim(d1, i, m, 0)
-    return lax.dynamic_update_slice_in_dim(prune1, ~nm_mask(jnp.square(wg / dg[:, None]), n, m),
-                                           i, 0)
+def _select_group(group: tuple[Structure, float], i: Array, prune1: Array, w1: Array,
+                  d1: Array) -> Array:
+    """At the first input ``i`` of every group, the mask of the group's inputs from their OBS
+    saliency ``w²/[U]_ii²`` (:func:`~admm_jax.ops.structures.structure_mask`): N:M prunes the
+    ``M − N`` lowest of the next ``M`` inputs of each output; block keeps the
+    ``keep_count(⌈out/b⌉, sparsity)`` tiles of the row of ``b × b`` tiles starting at ``i``
+    with the largest summed saliency."""
+    structure, sparsity = group
+    size = _group_size(structure)
+    wg = lax.dynamic_slice_in_dim(w1, i, size, 0)
+    dg = lax.dynamic_slice_in_dim(d1, i, size, 0)
+    keep = structure_mask(jnp.square(wg / dg[:, None]), structure, sparsity)
+    return lax.dynamic_update_slice_in_dim(prune1, ~keep, i, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("nm", "blocksize"))
+@functools.partial(jax.jit, static_argnames=("group", "blocksize"))
 def _sparsegpt(w: Array, h: Array, counts: Array, percdamp: Array, *,
-               nm: tuple[int, int] | None, blocksize: int) -> tuple[Array, Array]:
+               group: tuple[Structure, float] | None, blocksize: int) -> tuple[Array, Array]:
     d_in = w.shape[0]
     w, u, valid = _prepare(w, h, percdamp, blocksize)
-    select_group = functools.partial(_select_group, nm)
+    select_group = functools.partial(_select_group, group)
+    size = None if group is None else _group_size(group[0])
 
     def block(b, carry):
         w, keep = carry
@@ -113,7 +141,7 @@ def _sparsegpt(w: Array, h: Array, counts: Array, percdamp: Array, *,
         u_rows = lax.dynamic_slice_in_dim(u, i1, blocksize, 0)                # [B, d]
         u1 = lax.dynamic_slice_in_dim(u_rows, i1, blocksize, 1)               # [B, B]
         d1 = jnp.diagonal(u1)
-        if nm is None:  # adaptive mask selection over the whole block (Alg. 1, line 6)
+        if group is None:  # adaptive mask selection over the whole block (Alg. 1, line 6)
             score = jnp.square(w1 / d1[:, None])
             score = jnp.where(lax.dynamic_slice_in_dim(valid, i1, blocksize)[:, None], score,
                               jnp.inf)
@@ -123,8 +151,8 @@ def _sparsegpt(w: Array, h: Array, counts: Array, percdamp: Array, *,
 
         def column(i, carry):  # Alg. 1, lines 7-11, one input (a row here) at a time
             w1, prune1, err1 = carry
-            if nm is not None:
-                prune1 = lax.cond(i % nm[1] == 0, select_group, lambda i, p, *_: p,
+            if group is not None:
+                prune1 = lax.cond(i % size == 0, select_group, lambda i, p, *_: p,
                                   i, prune1, w1, d1)
             err = jnp.where(prune1[i], w1[i], 0.0) / u1[i, i]                 # (w − q) / [U]_ii
             w1 = w1 - u1[i][:, None] * err[None, :]                           # U_i,i: = 0 left of i
@@ -157,17 +185,32 @@ def sparsegpt_prune(w: Array, gram: Array, *, sparsity: float = 0.5,
     * line 6: unstructured — in each block, prune the entries with the smallest
       ``W_ij² / U_ii²``; the per-block counts add up to exactly ``⌊sparsity·in·out⌋``;
       N:M — at every ``M``-th input, prune the ``M − N`` smallest of the next ``M`` per output;
+      block ``b`` — at every ``b``-th input, choose the mask of the next ``b`` inputs (one row of
+      ``b × b`` tiles of the ``[in, out]`` kernel, the last tile of the row ``out mod b`` wide
+      when ``b ∤ out``): sum the saliency ``W_ij² / U_ii²`` over each tile and keep the
+      ``keep_count(⌈out/b⌉, sparsity)`` tiles with the largest sums, pruning the rest whole;
     * lines 7–11: for input ``i`` of the block, ``E_i = (W_i − Q_i) / U_ii`` with ``Q_i`` its pruned
       row, and ``W_{i:} ← W_{i:} − U_{i,i:}ᵀ E_i`` inside the block;
     * line 12: lazy batch update of the later inputs ``W_{i₂:} ← W_{i₂:} − U_{i₁:i₂, i₂:}ᵀ E``.
+
+    Block structures are our extension; the paper's algorithm prunes entries. Like N:M there, a
+    row of tiles is chosen when the sweep reaches it, from weights the OBS updates of the
+    earlier inputs have already changed, and every row of tiles keeps the same fraction
+    ``1 − sparsity`` of its tiles (so the tiles of a row are compared only with each other, as
+    the ``M`` inputs of an N:M group are): a tensor keeps ``⌈in/b⌉ · keep_count(⌈out/b⌉,
+    sparsity)`` tiles, which can differ from the per-tensor ``keep_count(⌈in/b⌉·⌈out/b⌉,
+    sparsity)`` of magnitude and Wanda by the rounding of each row. The pruned entries are
+    then compensated by the same per-input updates (lines 7–12) as for the other structures.
 
     Args:
         w: kernel ``[in, out]``.
         gram: ``H = Σ_t x_t x_tᵀ`` ``[in, in]`` (any positive scale; see
             :func:`~admm_jax.pruning.capture.gram_stats`).
-        sparsity: fraction of zeros of the tensor, in ``[0, 1)`` (ignored for ``N:M``).
-        structure: ``"unstructured"``, ``"N:M"`` or a structure value (no channel pruning;
-            for ``N:M``, ``blocksize`` must be a multiple of ``M``).
+        sparsity: fraction of zeros of the tensor, in ``[0, 1)`` (ignored for ``N:M``; for
+            block, the fraction of tiles pruned in every row of tiles).
+        structure: ``"unstructured"``, ``"N:M"``, ``"blockB"`` (e.g. ``"block16"``) or a
+            structure value (no channel pruning; ``blocksize`` must be a multiple of ``M`` for
+            ``N:M`` and of ``B`` for block).
         blocksize: inputs per lazy-update block (128 in the paper).
         percdamp: dampening relative to the mean diagonal of ``H`` (0.01 in the paper).
 
@@ -180,23 +223,24 @@ def sparsegpt_prune(w: Array, gram: Array, *, sparsity: float = 0.5,
     """
     w, sparsity, structure = check_kernel_args(SPARSEGPT, w, sparsity, structure)
     _check_options(blocksize, percdamp, structure)
-    nm = (structure.n, structure.m) if isinstance(structure, NM) else None
+    group = None if _group_size(structure) is None else \
+        (structure, effective_sparsity(structure, sparsity))
     gram = jnp.asarray(gram)
     d_in, d_out = w.shape
     if gram.shape != (d_in, d_in):
         raise ValueError(f"gram must have shape ({d_in}, {d_in}) = [in, in], got {gram.shape}")
     n_blocks = -(-d_in // blocksize)
     counts = _block_counts(d_in, d_out, sparsity, blocksize, n_blocks)
-    pruned, keep = _sparsegpt(w, gram, jnp.asarray(counts), jnp.float32(percdamp), nm=nm,
-                              blocksize=blocksize)
+    pruned, keep = _sparsegpt(w, gram, jnp.asarray(counts), jnp.float32(percdamp),
+                              group=group, blocksize=blocksize)
     if not bool(jnp.all(jnp.isfinite(pruned))):
         raise ValueError("SparseGPT produced non-finite weights: the dampened Hessian is not "
                          f"positive definite; increase percdamp (got {percdamp})")
     return pruned.astype(w.dtype), keep
 
 
-#: The registration of SparseGPT (Gram matrices, unstructured and N:M).
+#: The registration of SparseGPT (Gram matrices, unstructured, N:M and block).
 SPARSEGPT = register_pruner("sparsegpt", per_kernel(sparsegpt_prune), stats=gram_stats,
-                            structures=(Unstructured, NM),
+                            structures=(Unstructured, NM, Block),
                             defaults={"blocksize": BLOCKSIZE, "percdamp": PERCDAMP},
                             check=_check_model_options)

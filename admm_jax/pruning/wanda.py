@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from admm_jax.ops.projection import keep_count, topk_mask
 from admm_jax.ops.structures import (
     NM,
+    Block,
     Structure,
     StructureSpec,
     Unstructured,
@@ -30,7 +31,7 @@ Array = jax.Array
 def _wanda(w: Array, sqnorm: Array, *, sparsity: float,
            structure: Structure) -> tuple[Array, Array]:
     score = jnp.abs(w).astype(jnp.float32) * jnp.sqrt(sqnorm.astype(jnp.float32))[:, None]
-    if isinstance(structure, NM):
+    if isinstance(structure, (NM, Block)):
         keep = structure_mask(score, structure, sparsity)
     else:  # top-k within every output column (ties: lowest row first)
         k = keep_count(w.shape[0], sparsity)
@@ -45,12 +46,19 @@ def wanda_prune(w: Array, sqnorm: Array, *, sparsity: float = 0.5,
     highest-scoring inputs — or the ``N`` highest of every ``M`` consecutive inputs. Weights are
     not updated.
 
+    Block ``b`` (our extension): a ``b × b`` tile spans ``b`` outputs, so the per-output
+    comparison group has no tile form; the tiles are ranked over the whole tensor instead, by
+    ``Σ S_ij`` over the tile, and the ``keep_count(⌈in/b⌉·⌈out/b⌉, sparsity)`` largest are kept
+    (as for magnitude pruning, with Wanda's score).
+
     Args:
         w: kernel ``[in, out]``.
         sqnorm: ``‖X_i‖²₂ = Σ_t x_ti²`` per input ``[in]`` (e.g. from
             :func:`~admm_jax.pruning.capture.sqnorm_stats`, or the diagonal of a Gram matrix).
-        sparsity: fraction of zeros per output, in ``[0, 1)`` (ignored for ``N:M``).
-        structure: ``"unstructured"``, ``"N:M"`` or a structure value (no channel pruning).
+        sparsity: fraction of zeros per output, in ``[0, 1)`` (ignored for ``N:M``; of the
+            tensor's tiles for block).
+        structure: ``"unstructured"``, ``"N:M"``, ``"blockB"`` (e.g. ``"block16"``) or a
+            structure value (no channel pruning).
 
     Returns:
         ``(pruned kernel, keep mask)``.
@@ -62,6 +70,6 @@ def wanda_prune(w: Array, sqnorm: Array, *, sparsity: float = 0.5,
     return _wanda(w, sqnorm, sparsity=sparsity, structure=structure)
 
 
-#: The registration of Wanda (squared input norms, unstructured and N:M).
+#: The registration of Wanda (squared input norms, unstructured, N:M and block).
 WANDA = register_pruner("wanda", per_kernel(wanda_prune), stats=sqnorm_stats,
-                        structures=(Unstructured, NM))
+                        structures=(Unstructured, NM, Block))
