@@ -201,6 +201,9 @@ def sparsegpt_prune(w: Array, gram: Array, *, sparsity: float = 0.5,
     sparsity)`` tiles, which can differ from the per-tensor ``keep_count(⌈in/b⌉·⌈out/b⌉,
     sparsity)`` of magnitude and Wanda by the rounding of each row. The pruned entries are
     then compensated by the same per-input updates (lines 7–12) as for the other structures.
+    The equal count per row of tiles also means no row of tiles (group of ``b`` inputs) is
+    ever pruned whole: where the inputs differ widely in importance, a per-tensor choice of
+    tiles (Wanda's) can reconstruct better than these updates do under that constraint.
 
     Args:
         w: kernel ``[in, out]``.
