@@ -1,17 +1,29 @@
-"""Sparse kernels: a sparse storage format for linear kernels and differentiable SpMM / SDDMM.
+"""Sparse kernels: COO and block-sparse (BSR) storage of linear kernels and differentiable
+SpMM / SDDMM on CPU, GPU and TPU.
 
-``y = sparse_matmul(x, w)`` multiplies ``x [..., n_in]`` by a :class:`SparseMatrix`
-``w [n_in, n_out]`` with a Pallas kernel on GPU and an XLA formulation on CPU; its VJP gives
-``dx = dy @ Wᵀ`` and the SDDMM ``∂L/∂values`` without forming the dense ``n_in × n_out`` gradient.
-N:M storage is left to the layers built on top (an N:M matrix is a :class:`SparseMatrix`
-with a fixed number of entries per group).
+``y = sparse_matmul(x, w)`` multiplies ``x [..., n_in]`` by a :class:`SparseMatrix` (COO) or a
+:class:`BlockSparseMatrix` (``b × b`` tiles) ``w [n_in, n_out]``; its VJP gives ``dx = dy @ Wᵀ``
+and the SDDMM ``∂L/∂values`` without forming the dense ``n_in × n_out`` gradient. The path is
+chosen per platform when the function is lowered (:mod:`kernels.ops`): XLA gathers on CPU,
+Triton kernels on GPU (:mod:`kernels.pallas_gpu`), Mosaic kernels on TPU
+(:mod:`kernels.pallas_tpu`), a dense product above the :class:`DensifyRule` crossover.
+N:M storage is left to the layers built on top.
 """
 
+from kernels.block import (
+    BlockSparseMatrix,
+    block_column_offsets,
+    block_from_dense,
+    block_row_order,
+    block_sparse_matrix,
+)
 from kernels.ops import (
-    CPU_DENSIFY_ABOVE,
+    BLOCK_CROSSOVER,
+    COO_CROSSOVER,
+    DEFAULT_RULE,
+    Crossover,
+    DensifyRule,
     Impl,
-    densify_above,
-    densify_rule,
     resolve_impl,
     sddmm,
     sparse_matmul,
@@ -29,13 +41,20 @@ from kernels.sparse import (
 )
 
 __all__ = [
-    "CPU_DENSIFY_ABOVE",
+    "BLOCK_CROSSOVER",
+    "COO_CROSSOVER",
+    "DEFAULT_RULE",
     "INT16_MAX",
+    "BlockSparseMatrix",
+    "Crossover",
+    "DensifyRule",
     "Impl",
     "SparseMatrix",
+    "block_column_offsets",
+    "block_from_dense",
+    "block_row_order",
+    "block_sparse_matrix",
     "column_offsets",
-    "densify_above",
-    "densify_rule",
     "from_dense",
     "index_dtype_for",
     "resolve_impl",

@@ -187,3 +187,11 @@ def row_order(m: SparseMatrix) -> jax.Array:
     """The permutation that sorts the entries by ``(rows, cols)``: the column-major order of
     ``Wᵀ`` (a stable sort, since entries are already ordered by column within a row)."""
     return jnp.argsort(m.rows.astype(jnp.int32), stable=True)
+
+
+def pad_to(a: jax.Array, axis: int, multiple: int, extra: int = 0) -> jax.Array:
+    """``a`` zero-padded along ``axis`` to a multiple of ``multiple``, plus ``extra``."""
+    pad = (-a.shape[axis]) % multiple + extra
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(a, widths)

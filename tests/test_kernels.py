@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels import pallas as kpallas
+from kernels import pallas_gpu as kpallas
 from kernels import reference as kreference
 from kernels import xla as kxla
 from kernels.sparse import SparseMatrix, from_dense, sparse_matrix, to_dense
@@ -55,7 +55,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "pallas", "densify"])
+IMPLS = ["reference", "xla", "pallas_gpu", "pallas_tpu", "densify"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_and_gradients_match_dense(impl, case):
     c = CASES[case]
@@ -77,7 +80,7 @@ def test_forward_and_gradients_match_dense(impl, case):
     assert np.all(np.asarray(y)[..., 3] == 0) and np.all(np.asarray(dx, np.float32)[..., 2] == 0)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu", "pallas_tpu"])
 def test_sddmm_and_transpose_match_reference(impl):
     """Direct products, with more entries per column tile than one Pallas chunk holds."""
     w = _planted(n_in=300, n_out=40, density=0.6)
@@ -108,7 +111,7 @@ def _shapes_in(jaxpr, primitive=None):
     return shapes
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "pallas", "densify"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_backward_never_builds_the_dense_gradient(impl):
     m = from_dense(_planted())
     x = jnp.ones((5, N_IN))
@@ -126,29 +129,38 @@ def test_backward_never_builds_the_dense_gradient(impl):
 
 def test_auto_densifies_on_cpu_above_the_measured_crossover():
     assert jax.default_backend() == "cpu"
-    table = kernels.CPU_DENSIFY_ABOVE
+    rule = kernels.DEFAULT_RULE
+    table = rule.coo.cpu
     for t, d in table:
-        assert kernels.densify_above(t) == d
+        assert rule.densify_above("coo", "cpu", t) == d
     (t0, d0), (t1, d1) = next((a, b) for a, b in itertools.pairwise(table) if a[1] != b[1])
-    between = kernels.densify_above(round(np.sqrt(t0 * t1)))  # log-midpoint
+    between = rule.densify_above("coo", "cpu", round(np.sqrt(t0 * t1)))  # log-midpoint
     assert min(d0, d1) < between < max(d0, d1)
-    d0 = table[0][1]
-    (t_end, d_end) = kernels.CPU_DENSIFY_ABOVE[-1]
-    assert kernels.densify_above(10 * t_end) == d_end and kernels.densify_above(0) == d0
+    d0, (t_end, d_end) = table[0][1], table[-1]
+    assert rule.densify_above("coo", "cpu", 10 * t_end) == d_end
+    assert rule.densify_above("coo", "cpu", 0) == d0
     for tokens in (1, 16, 512):
-        d = kernels.densify_above(tokens)
+        d = rule.densify_above("coo", "cpu", tokens)
         assert kernels.resolve_impl("auto", density=1.01 * d, tokens=tokens) == "densify"
         assert kernels.resolve_impl("auto", density=0.99 * d, tokens=tokens) == "xla"
     assert kernels.resolve_impl("auto", density=0.9) == "xla"  # no token count: no rule
     assert kernels.resolve_impl("xla", density=0.9, tokens=512) == "xla"  # explicit impl wins
-    with kernels.densify_rule(((1, 0.0),)):  # an override forces one form, innermost first
-        assert kernels.resolve_impl("auto", density=1e-4, tokens=1) == "densify"
-        with kernels.densify_rule(((1, 1.0),)):
-            assert kernels.resolve_impl("auto", density=0.99, tokens=512) == "xla"
-    assert kernels.densify_above(1) == d0  # restored
-    with pytest.raises(ValueError, match="table must be"):
-        with kernels.densify_rule(((0, 0.5),)):
-            pass
+    always, never = kernels.DensifyRule.constant(0.0), kernels.DensifyRule.constant(1.0)
+    for platform in ("cpu", "gpu", "tpu"):
+        assert kernels.resolve_impl(density=1e-4, tokens=1, platform=platform,
+                                    rule=always) == "densify"
+        assert kernels.resolve_impl(density=0.99, tokens=512, platform=platform, fmt="block",
+                                    rule=never) != "densify"
+    assert kernels.resolve_impl(platform="gpu") == "pallas_gpu"
+    assert kernels.resolve_impl(platform="tpu") == "pallas_tpu"
+    assert kernels.resolve_impl("pallas", platform="cpu") == "pallas_gpu"  # interpreted
+    with pytest.raises(ValueError, match="density must lie in"):
+        kernels.DensifyRule.constant(1.5)
+    bad = kernels.DensifyRule(coo=kernels.Crossover(cpu=((0, 0.5),), gpu=(), tpu=()))
+    with pytest.raises(ValueError, match="crossover table needs"):
+        bad.densify_above("coo", "cpu", 4)
+    with pytest.raises(TypeError, match="rule must be a DensifyRule"):
+        kernels.sparse_matmul(jnp.ones((1, 37)), from_dense(_planted()), rule=((1, 0.5),))
     # sparse_matmul dispatches on W's density and x's rows: both regimes give x @ W
     rng = np.random.default_rng(7)
     for density, batch in ((0.9, (4, 128)), (0.01, (1,))):
@@ -157,16 +169,19 @@ def test_auto_densifies_on_cpu_above_the_measured_crossover():
         impl = kernels.resolve_impl(density=m.density, tokens=int(np.prod(batch)))
         assert impl == ("densify" if density == 0.9 else "xla")
         np.testing.assert_allclose(kernels.sparse_matmul(x, m), x @ w, rtol=1e-4, atol=1e-4)
+        for rule in (always, never):  # either form, forced by an explicit rule
+            np.testing.assert_allclose(kernels.sparse_matmul(x, m, rule=rule), x @ w,
+                                       rtol=1e-4, atol=1e-4)
 
 
 def test_densify_above_matches_the_committed_benchmark():
-    """The dispatch constants are the crossovers the committed benchmark measured."""
+    """The CPU dispatch constants are the crossovers the committed benchmark measured."""
     import json
     from pathlib import Path
     bench = Path(__file__).parents[1] / "results" / "bench_sparse_crossover.json"
     measured = json.loads(bench.read_text())["densify_above"]
     assert {int(t): round(d, 3) for t, d in measured.items()} == dict(
-        kernels.ops.CPU_DENSIFY_ABOVE)
+        kernels.COO_CROSSOVER.cpu)
 
 
 def test_jit_does_not_retrace_for_new_values():
@@ -271,3 +286,55 @@ def test_xla_sddmm_temporaries_stay_within_budget(budget):
         assert temp <= 0.1 * dense
     np.testing.assert_allclose(kxla.sddmm(x, dy, m, budget=budget), kreference.sddmm(x, dy, m),
                                rtol=1e-4, atol=1e-4)
+
+
+def _planted_blocks(b: int, n_in=N_IN, n_out=N_OUT, density=0.5, seed=0):
+    """A dense ``[n_in, n_out]`` matrix whose nonzeros fill random whole ``b × b`` tiles of the
+    zero-padded grid, with tile row 1 and tile column 0 empty (shapes are not multiples of b)."""
+    rng = np.random.default_rng(seed)
+    grid = (-(-n_in // b), -(-n_out // b))
+    keep = rng.random(grid) < density
+    keep[min(1, grid[0] - 1), :] = False
+    keep[:, 0] = False
+    mask = np.kron(keep, np.ones((b, b), bool))[:n_in, :n_out]
+    return np.where(mask, rng.standard_normal((n_in, n_out)), 0).astype(np.float32), mask
+
+
+BLOCK_CASES = {
+    "b16-f32": dict(b=16, dtype=jnp.float32, density=0.5, tokens=(5,), tol=1e-5),
+    "b32-f32": dict(b=32, dtype=jnp.float32, density=0.7, tokens=(2, 35), tol=1e-5),
+    "b16-bf16": dict(b=16, dtype=jnp.bfloat16, density=0.5, tokens=(4,), tol=2e-2),
+    "no-blocks": dict(b=16, dtype=jnp.float32, density=0.0, tokens=(3,), tol=1e-6),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(BLOCK_CASES))
+def test_block_sparse_forward_and_gradients_match_dense(impl, case):
+    """BSR through every implementation (Pallas GPU and TPU in interpret mode): ``y``, ``∂x``
+    and the tile gradients equal the dense reference's, on shapes no tile divides, with an empty
+    tile row and column, more token tiles than one (35 > 16 tokens) and no stored tile at all."""
+    c = BLOCK_CASES[case]
+    w, mask = _planted_blocks(c["b"], density=c["density"])
+    m = kernels.block_from_dense(w, mask, block_size=c["b"])
+    assert (m.n_blocks == 0) == (c["density"] == 0) and m.block_size == c["b"]
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((*c["tokens"], N_IN)), c["dtype"])
+    dy = jnp.asarray(rng.standard_normal((*c["tokens"], N_OUT)), jnp.float32)
+
+    def loss(x, values, product):
+        y = product(x, m.with_values(values))
+        return jnp.sum(y * dy), y
+
+    dense = lambda x, w: x.astype(jnp.float32) @ w.to_dense()
+    sparse = lambda x, w: kernels.sparse_matmul(x, w, impl=impl, interpret=True)
+    (_, y_ref), (dx_ref, dv_ref) = jax.value_and_grad(loss, (0, 1), has_aux=True)(
+        x, m.values, dense)
+    (_, y), (dx, dv) = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, m.values, sparse)
+    tol = c["tol"]
+    assert y.dtype == jnp.float32 and dx.dtype == x.dtype and dv.shape == m.values.shape
+    np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32),
+                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(dv, dv_ref, rtol=tol, atol=10 * tol)
+    assert np.all(np.asarray(y)[..., :c["b"]] == 0)  # the empty tile column
