@@ -3,16 +3,20 @@
     python -m experiments.compact --checkpoint runs/elsa/elsa-0.9/model --out runs/elsa-0.9c
     python -m experiments.compact --checkpoint runs/elsa/sparsegpt-2:4/model --out runs/sgpt-24c \
         --structure 2:4
+    python -m experiments.compact --checkpoint runs/x/sparsegpt-block16/model --out runs/x-b16c \
+        --structure block16
     python -m experiments.evaluate --checkpoint runs/elsa-0.9c
 
 The seven projection kernels of every decoder block are stored as their nonzeros
 (:func:`admm_jax.models.compact.masks_from_nonzeros`, :func:`~admm_jax.models.compact.
-compact_from_masks`): COO values + int16/int32 indices (``--structure unstructured``), or N:M
-values + uint8 in-group indices (``--structure 2:4`` etc.; a kernel with more than N nonzeros in
-some group of M inputs is refused by name). Embeddings, norms and ``lm_head`` are copied as they
-are; meta is the source's plus a ``compact`` record (source, structure, bytes). Prints the bytes
-on disk and resident of both checkpoints; the compact model computes the same function as the
-source (the stored entries are the source's nonzeros, exactly).
+compact_from_masks`): COO values + int16/int32 indices (``--structure unstructured``), N:M values +
+uint8 in-group indices (``--structure 2:4`` etc.; a kernel with more than N nonzeros in some group
+of M inputs is refused by name), or the ``b × b`` tiles that hold a nonzero + int16 block indices
+(``--structure block16`` / ``block32``: BSR, for block-pruned sources; any other source is stored
+exactly too, with the zeros of its partly filled tiles). Embeddings, norms and ``lm_head`` are
+copied as they are; meta is the source's plus a ``compact`` record (source, structure, bytes).
+Prints the bytes on disk and resident of both checkpoints; the compact model computes the same
+function as the source (the stored entries are the source's nonzeros, exactly).
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ class CompactConfig:
     out: str = ""
     """Directory of the compact checkpoint to write."""
     structure: str = "unstructured"
-    """unstructured (COO of the nonzeros) or N:M, e.g. 2:4 (N:M values + in-group indices)."""
+    """unstructured (COO of the nonzeros), N:M, e.g. 2:4 (N:M values + in-group indices), or
+    blockB, e.g. block16 (BSR: the b × b tiles holding a nonzero + block indices)."""
 
 
 def write_compact(out, config, params, masks: dict, *, structure: str, tokenizer, step: int = 0,

@@ -1,7 +1,7 @@
-"""Compact checkpoints: pruned (unstructured, 2:4) and SALAAD (low-rank + sparse) models stored as
-compact layers compute their dense twins' logits, survive save -> load exactly, are scored by the
-evaluate CLI with nothing else, take bytes in proportion to what they keep, and a checkpoint
-missing a part is refused by name."""
+"""Compact checkpoints: pruned (unstructured, 2:4, 16 × 16 and 32 × 32 blocks) and SALAAD
+(low-rank + sparse) models stored as compact layers compute their dense twins' logits, survive
+save -> load exactly, are scored by the evaluate CLI with nothing else, take bytes in proportion
+to what they keep, and a checkpoint missing a part is refused by name."""
 
 from __future__ import annotations
 
@@ -15,18 +15,27 @@ import pytest
 from admm_jax.core import path_str
 from admm_jax.data import prepare_corpus
 from admm_jax.models.compact import (
+    assemble_compact,
     compact_from_masks,
     dense_params,
     masks_from_nonzeros,
     resident_bytes,
 )
 from admm_jax.models.layouts import (
+    BlockSparseLayout,
     LowRankLayout,
     NMLayout,
     SparseLayout,
     SumLayout,
     layouts_from_json,
+    layouts_to_json,
     structured_factory,
+)
+from admm_jax.models.linears import (
+    SumLinear,
+    block_sparse_from_dense,
+    low_rank_from_factors,
+    materialize,
 )
 from admm_jax.models.llama import LlamaConfig, abstract_params, forward, init_params
 from admm_jax.pruning import prune
@@ -292,3 +301,147 @@ def test_abstract_template_of_layouts_matches_compact_params(unstructured):
     template = abstract_params(CONFIG, linear=structured_factory(model.layouts, CONFIG))[1]
     spec = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), template)
     assert spec == jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), model.params)
+
+
+def _kept_tiles(mask, b):
+    """``[G₀, G₁]`` tiles of the zero-padded ``mask`` holding a kept entry."""
+    g0, g1 = -(-mask.shape[0] // b), -(-mask.shape[1] // b)
+    padded = np.zeros((g0 * b, g1 * b), bool)
+    padded[:mask.shape[0], :mask.shape[1]] = mask
+    return padded.reshape(g0, b, g1, b).any(axis=(1, 3))
+
+
+@pytest.mark.parametrize("structure", ["block16", "block32"])
+def test_block_compact_equals_pruned_twin_and_round_trips(base, tmp_path, structure):
+    _, tokenizer, params, _ = base
+    b = int(structure[len("block"):])
+    pruned, masks = prune(CONFIG, params, method="magnitude", sparsity=0.6, structure=structure,
+                          verbose=False)
+    model = compact_from_masks(CONFIG, pruned, masks, structure=structure)
+    assert set(model.layouts) == {p[:-len("/kernel")] for p in masks}
+    n_blocks = {}
+    for path, layout in model.layouts.items():
+        tiles = _kept_tiles(np.asarray(masks[path + "/kernel"]), b)
+        assert layout == BlockSparseLayout(int(tiles.sum()), b) and 0 < tiles.mean() < 1
+        n_blocks[path] = layout.n_blocks
+    down = model.params["layers"][1]["mlp"]["down_proj"]  # 172 × 64: overhanging tiles
+    assert down["values"].shape[1:] == (b, b) and down["block_rows"].dtype == jnp.int16
+    dense = _logits(pruned)
+    np.testing.assert_allclose(_logits(model.params, model.layouts), dense, atol=2e-5)
+    loaded = _round_trip(tmp_path, structure, model, tokenizer)
+    np.testing.assert_allclose(_logits(loaded.params, loaded.layouts), dense, atol=2e-5)
+    info = json.loads((tmp_path / structure / MODEL_FILE).read_text())
+    assert info["layouts"]["layers/0/mlp/up_proj"] == {
+        "type": "block", "n_blocks": n_blocks["layers/0/mlp/up_proj"], "block_size": b}
+    twin = dense_params(CONFIG, loaded.layouts, loaded.params)
+    for a, b_ in zip(jax.tree_util.tree_leaves(twin), jax.tree_util.tree_leaves(pruned),
+                     strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b_))
+    # b² fp32 numbers and two int16 indices per kept tile replace the fp32 kernels
+    kernels = sum(m.size for m in masks.values())
+    assert resident_bytes(model.params) == resident_bytes(params) - 4 * kernels + sum(
+        n * (4 * b * b + 2 + 2) for n in n_blocks.values())
+    # a tile count that disagrees with the stored tiles is refused, naming the leaves
+    _edit_model_json(tmp_path / structure, lambda i: i["layouts"]["layers/0/attn/q_proj"].update(
+        n_blocks=n_blocks["layers/0/attn/q_proj"] + 1))
+    with pytest.raises(ValueError, match=r"mis-shaped leaves .*layers/0/attn/q_proj/block_cols"):
+        load_model(tmp_path / structure)
+
+
+def test_block_compact_of_an_empty_or_scattered_mask_is_exact(base):
+    """A kernel that keeps nothing is one zero tile; a mask that is not whole tiles stores its
+    partly kept tiles with zeros off the mask."""
+    _, _, params, _ = base
+    masks = _random_masks(params, 0.02, seed=4)
+    empty = "layers/0/attn/k_proj/kernel"
+    masks[empty] = np.zeros_like(masks[empty])
+    # a mask entry on a zero weight, alone in its tile: the tile is stored all the same
+    up = masks["layers/1/mlp/up_proj/kernel"]
+    up[48:64, 160:172] = False
+    up[50, 170] = True
+    params = jax.tree_util.tree_map(lambda x: x, params)
+    params["layers"][1]["mlp"]["up_proj"]["kernel"] = \
+        params["layers"][1]["mlp"]["up_proj"]["kernel"].at[50, 170].set(0.0)
+    model = compact_from_masks(CONFIG, params, masks, structure="block16")
+    k = model.params["layers"][0]["attn"]["k_proj"]
+    assert model.layouts["layers/0/attn/k_proj"] == BlockSparseLayout(1, 16)
+    assert not np.asarray(k["values"]).any()
+    pruned = _pruned(params, masks)
+    np.testing.assert_allclose(_logits(model.params, model.layouts), _logits(pruned), atol=2e-5)
+    stored = model.params["layers"][1]["mlp"]["up_proj"]
+    assert model.layouts["layers/1/mlp/up_proj"].n_blocks == _kept_tiles(up, 16).sum()
+    tiles = set(zip(np.asarray(stored["block_rows"]).tolist(),
+                    np.asarray(stored["block_cols"]).tolist()))
+    assert (3, 10) in tiles
+    with pytest.raises(ValueError, match="unstructured, N:M or block sparsity, not channel"):
+        compact_from_masks(CONFIG, params, masks, structure="channel")
+
+
+def test_compact_cli_stores_block_tiles(base, tmp_path):
+    _, tokenizer, params, text = base
+    pruned, _ = prune(CONFIG, params, method="magnitude", sparsity=0.75, structure="block16",
+                      verbose=False)
+    source = save_model(tmp_path / "pruned", pruned, model_config=CONFIG, tokenizer=tokenizer)
+    record = compact_cli.main(["--checkpoint", str(source), "--out", str(tmp_path / "c"),
+                               "--structure", "block16"])
+    info = json.loads((tmp_path / "c" / MODEL_FILE).read_text())
+    assert {lay["type"] for lay in info["layouts"].values()} == {"block"}
+    assert {lay["block_size"] for lay in info["layouts"].values()} == {16}
+    assert record["structure"] == "block16"
+    assert record["resident_bytes"] < 0.6 * record["dense_resident_bytes"]
+    args = ["--text", str(text), "--seq_len", "32", "--batch_size", "2", "--max_batches", "2"]
+    dense = evaluate.main(["--checkpoint", str(source), *args])
+    assert evaluate.main(["--checkpoint", str(tmp_path / "c"), *args]) == pytest.approx(
+        dense, rel=1e-5)
+
+
+def test_low_rank_plus_block_sum_round_trips(base, tmp_path):
+    _, tokenizer, params, _ = base
+    w = np.asarray(params["layers"][1]["attn"]["o_proj"]["kernel"])
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    residual = w - (u[:, :4] * s[:4]) @ vt[:4]
+    tiles = np.kron(np.random.default_rng(2).random((4, 4)) < 0.25, np.ones((16, 16), bool))
+    part = SumLinear([low_rank_from_factors(u[:, :4], s[:4], vt[:4].T),
+                      block_sparse_from_dense(residual * tiles)])
+    model = assemble_compact(CONFIG, params, {"layers/1/attn/o_proj": part}, {})
+    assert model.layouts == {"layers/1/attn/o_proj": SumLayout((
+        LowRankLayout(4), BlockSparseLayout(int(tiles[::16, ::16].sum()), 16)))}
+    twin = jax.tree_util.tree_map(lambda x: x, params)
+    twin["layers"][1]["attn"]["o_proj"] = {"kernel": materialize(part)}
+    np.testing.assert_allclose(materialize(part), (u[:, :4] * s[:4]) @ vt[:4] + residual * tiles,
+                               atol=1e-5)
+    loaded = _round_trip(tmp_path, "sum", model, tokenizer)
+    np.testing.assert_allclose(_logits(loaded.params, loaded.layouts), _logits(twin), atol=2e-5)
+
+
+def test_block_layouts_json_round_trip_and_malformed_entries_are_named():
+    layouts = {"layers/0/mlp/up_proj": BlockSparseLayout(7, 16),
+               "layers/1/attn/o_proj": SumLayout((LowRankLayout(3), BlockSparseLayout(2, 32)))}
+    as_json = layouts_to_json(layouts)
+    assert as_json["layers/0/mlp/up_proj"] == {"type": "block", "n_blocks": 7, "block_size": 16}
+    assert layouts_from_json(json.loads(json.dumps(as_json))) == layouts
+    fixed = BlockSparseLayout(1, 16, block_rows=np.array([0]), block_cols=np.array([2]))
+    assert layouts_to_json({"lm_head": fixed}) == {  # the indices are params leaves
+        "lm_head": {"type": "block", "n_blocks": 1, "block_size": 16}}
+    up = "layers/0/mlp/up_proj"
+    with pytest.raises(ValueError, match=r"up_proj: a 'block' layout has the fields "
+                                         r"\['n_blocks', 'block_size'\]; missing \['block_size'\]"):
+        layouts_from_json({up: {"type": "block", "n_blocks": 3}})
+    with pytest.raises(ValueError, match=r"unexpected \['block_rows'\]"):
+        layouts_from_json({up: {"type": "block", "n_blocks": 3, "block_size": 16,
+                                "block_rows": [0, 1, 2]}})
+    with pytest.raises(TypeError, match="up_proj: n_blocks must be an integer, got '3'"):
+        layouts_from_json({up: {"type": "block", "n_blocks": "3", "block_size": 16}})
+    with pytest.raises(ValueError, match=r"up_proj: block_size must be an integer in \[1, inf\]"):
+        layouts_from_json({up: {"type": "block", "n_blocks": 3, "block_size": 0}})
+    with pytest.raises(ValueError, match=r"o_proj/parts/1: n_blocks must be an integer in \[0"):
+        layouts_from_json({"layers/1/attn/o_proj": {"type": "sum", "parts": [
+            {"type": "low_rank", "rank": 2}, {"type": "block", "n_blocks": -1,
+                                               "block_size": 16}]}})
+    with pytest.raises(ValueError, match=r"a layout must be an object with \"type\" one of "
+                                         r"\['block', 'dense'"):
+        layouts_from_json({up: {"type": "bsr", "n_blocks": 3, "block_size": 16}})
+    # fit to the model is checked by the factory: 64 × 172 in 16 × 16 tiles is a 4 × 11 grid
+    with pytest.raises(ValueError, match=r"up_proj: n_blocks must be an integer in \[0, 44\]"):
+        structured_factory(layouts_from_json({up: {"type": "block", "n_blocks": 45,
+                                                   "block_size": 16}}), CONFIG)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import kernels
 from admm_jax.models.layouts import (
+    BlockSparseLayout,
     DenseLayout,
     LowRankLayout,
     NMLayout,
@@ -19,11 +21,13 @@ from admm_jax.models.layouts import (
     structured_factory,
 )
 from admm_jax.models.linears import (
+    BlockSparseLinear,
     LowRankLinear,
     NMLinear,
     SparseIndices,
     SparseLinear,
     SumLinear,
+    block_sparse_from_dense,
     low_rank_from_factors,
     materialize,
     nm_from_dense,
@@ -32,6 +36,7 @@ from admm_jax.models.linears import (
 )
 from admm_jax.models.llama import LlamaConfig, abstract_params, forward, init_params, sown_inputs
 from admm_jax.ops.projection import nm_mask
+from kernels.block import block_from_dense
 
 NANO = LlamaConfig.preset("nano")
 TOKENS = jax.random.randint(jax.random.key(7), (2, 9), 0, NANO.vocab_size)
@@ -41,7 +46,12 @@ LAYOUTS = {
         5, rows=np.array([0, 3, 3, 63, 10]), cols=np.array([511, 0, 1, 7, 7]))},
     "nm": {"layers/1/mlp/up_proj": NMLayout(2, 4), "layers/1/mlp/down_proj": NMLayout(1, 4)},
     "sum": {"layers/1/attn/o_proj": SumLayout((LowRankLayout(2), SparseLayout(60))),
-            "layers/0/attn/v_proj": DenseLayout()},
+            "layers/0/attn/v_proj": DenseLayout(),
+            "layers/0/mlp/gate_proj": SumLayout((LowRankLayout(2), BlockSparseLayout(4, 16)))},
+    # 64 × 172: the last block column overhangs the kernel (172 = 10·16 + 12 = 5·32 + 12)
+    "block": {"layers/0/mlp/up_proj": BlockSparseLayout(6, 16),
+              "layers/1/mlp/gate_proj": BlockSparseLayout(
+                  3, 32, block_rows=np.array([1, 0, 1]), block_cols=np.array([5, 5, 0]))},
 }
 
 
@@ -86,6 +96,12 @@ def _projected(module, g):
     if isinstance(module, SparseLinear):
         m = module.matrix
         return {"values": g[m.rows.astype(int), m.cols.astype(int)]}
+    if isinstance(module, BlockSparseLinear):
+        m = module.matrix
+        b, (g0, g1) = m.block_size, m.grid
+        padded = jnp.zeros((g0 * b, g1 * b)).at[:g.shape[0], :g.shape[1]].set(g)
+        tiles = padded.reshape(g0, b, g1, b).transpose(0, 2, 1, 3)
+        return {"values": tiles[m.block_rows.astype(int), m.block_cols.astype(int)]}
     if isinstance(module, NMLinear):
         idx = module.indices[...].astype(int).reshape(-1, module.n, module.out_features)
         rows = idx + module.m * jnp.arange(idx.shape[0])[:, None, None]
@@ -141,8 +157,9 @@ def test_only_params_are_selected_and_pure_dict_round_trip_is_exact():
     assert jax.tree_util.tree_leaves(trainable_mask(graphdef, params, nnx.Param)) == \
         [not b for b in jax.tree_util.tree_leaves(is_int)]
     indices = nnx.to_pure_dict(nnx.state(model, SparseIndices))
-    # rows + cols of 4 sparse matrices (two plain, one in the sum, lm_head) + 2 N:M index arrays
-    assert len(jax.tree_util.tree_leaves(indices)) == 2 * 3 + 2 == sum(
+    # rows + cols of 3 COO matrices (down_proj, lm_head, one in a sum), 2 N:M index arrays,
+    # block rows + cols of 3 block-sparse matrices (two plain, one in a sum)
+    assert len(jax.tree_util.tree_leaves(indices)) == 2 * 3 + 2 + 2 * 3 == sum(
         jax.tree_util.tree_leaves(is_int))
     _, state = nnx.split(nnx.merge(*nnx.split(model)))
     again = nnx.to_pure_dict(state)
@@ -151,6 +168,10 @@ def test_only_params_are_selected_and_pure_dict_round_trip_is_exact():
         assert a.dtype == b.dtype and np.array_equal(a, b)
     assert params["lm_head"]["rows"].dtype == jnp.int16
     assert params["layers"][1]["mlp"]["up_proj"]["indices"].dtype == jnp.uint8
+    block = params["layers"][1]["mlp"]["gate_proj"]
+    assert block["values"].shape == (3, 32, 32) and block["block_rows"].dtype == jnp.int16
+    np.testing.assert_array_equal(block["block_cols"], [0, 5, 5])  # sorted column-major
+    np.testing.assert_array_equal(block["block_rows"], [1, 0, 1])
     template = abstract_params(NANO, linear=structured_factory(ALL, NANO))[1]
     assert jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), template) == \
         jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), params)
@@ -167,7 +188,10 @@ def test_param_bytes_count_what_is_kept():
     assert param_bytes(down) == 900 * (4 + 2 + 2)
     assert param_bytes(up) == 32 * 172 * (4 + 1)
     assert param_bytes(o) == 4 * 2 * 128 + 60 * 8
-    for module in (q, down, up, o):
+    tiles = _get(model, "layers/0/mlp/up_proj")
+    assert param_bytes(tiles) == 6 * (4 * 16 * 16 + 2 + 2)
+    assert param_bytes(_get(model, "layers/0/mlp/gate_proj")) == 4 * 2 * (64 + 172) + 4 * 1028
+    for module in (q, down, up, o, tiles):
         nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(nnx.state(module)))
         assert param_bytes(module) == nbytes < 4 * module.in_features * module.out_features
     assert param_bytes(_get(model, "layers/0/attn/v_proj")) == 4 * 64 * 32
@@ -189,8 +213,17 @@ def test_conversions_keep_the_source_exactly():
     w24 = jnp.where(nm_mask(jnp.abs(w), 2, 4), w, 0).at[:4, 0].set(0).at[4, 1].set(0)
     nm = nm_from_dense(w24, 2, 4)
     np.testing.assert_array_equal(materialize(nm), w24)
+    tiles = np.random.default_rng(4).random((4, 2)) < 0.5  # 16 × 16 tiles of the 64 × 32 w
+    w_tiles = w * np.kron(tiles, np.ones((16, 16)))
+    bs = block_sparse_from_dense(w_tiles)
+    np.testing.assert_array_equal(materialize(bs), w_tiles)
+    assert bs.n_blocks == tiles.sum() and bs.block_size == 16 and bs.shape == (64, 32)
+    assert bs.block_rows.dtype == jnp.int16
+    bs8 = block_sparse_from_dense(pruned, block_size=8)  # scattered entries: partly kept tiles
+    np.testing.assert_array_equal(materialize(bs8), pruned)
     x = jax.random.normal(key[2], (3, 64))
-    for module, dense in ((lr, materialize(lr)), (sp, pruned), (nm, w24)):
+    for module, dense in ((lr, materialize(lr)), (sp, pruned), (nm, w24), (bs, w_tiles),
+                          (bs8, pruned)):
         np.testing.assert_allclose(module(x), x @ dense, atol=1e-5)
     with pytest.raises(ValueError, match="not 2:4 sparse"):
         nm_from_dense(w, 2, 4)
@@ -207,7 +240,9 @@ def test_converted_modules_go_into_a_compact_model():
             "layers/0/mlp/down_proj": nm_from_dense(
                 jnp.where(nm_mask(jnp.abs(w_down), 2, 4), w_down, 0), 2, 4),
             "layers/1/attn/q_proj": SumLinear([low_rank_from_factors(u[:, :3], s[:3], vt[:3].T),
-                                               sparse_from_dense(w_q * (jnp.abs(w_q) > 0.05))])}
+                                               sparse_from_dense(w_q * (jnp.abs(w_q) > 0.05))]),
+            "layers/1/attn/o_proj": SumLinear([low_rank_from_factors(u[:, :2], s[:2], vt[:2].T),
+                                               block_sparse_from_dense(w_q.at[16:].set(0))])}
     layouts = {p: layout_of(m) for p, m in mods.items()}
     graphdef, params = _build(layouts, seed=5)
     params = insert_linears(_replace(dense, {p: _get(params, p) for p in layouts}), mods)
@@ -234,6 +269,20 @@ def test_converted_modules_go_into_a_compact_model():
     ({"layers/0/attn/q_proj": SparseLayout(64 * 64 + 1)}, r"nnz must be an integer in \[0, 4096\]"),
     ({"layers/0/attn/q_proj": SumLayout(())}, r"non-empty tuple of parts"),
     ({"layers/2/attn/q_proj": LowRankLayout(2)}, r"unknown linears \['layers/2/attn/q_proj'\]"),
+    ({"layers/0/mlp/up_proj": BlockSparseLayout(45, 16)},
+     r"up_proj: n_blocks must be an integer in \[0, 44\]"),
+    ({"layers/0/mlp/up_proj": BlockSparseLayout(1, 0)}, r"block_size must be an integer in \[1"),
+    ({"layers/0/mlp/up_proj": BlockSparseLayout(2, 16, block_rows=np.array([0, 4]),
+                                                block_cols=np.array([1, 2]))},
+     r"up_proj: block_rows\[1\] = 4 is out of range for a block grid of 4"),
+    ({"layers/0/mlp/up_proj": BlockSparseLayout(2, 16, block_rows=np.array([3, 3]),
+                                                block_cols=np.array([10, 10]))},
+     r"duplicated block \(block_row, block_col\) = \(3, 10\)"),
+    ({"layers/0/mlp/up_proj": BlockSparseLayout(3, 16, block_rows=np.array([0, 1]),
+                                                block_cols=np.array([1, 2]))},
+     r"must have shape \(3,\)"),
+    ({"layers/0/mlp/up_proj": BlockSparseLayout(2, 16, block_rows=np.array([0, 1]))},
+     "needs both block_rows and block_cols"),
 ])
 def test_bad_layouts_raise_at_the_factory(layouts, match):
     with pytest.raises(ValueError, match=match):
@@ -252,3 +301,32 @@ def test_bad_modules_raise():
                    LowRankLinear(jnp.zeros((4, 1)), jnp.zeros((1, 4)))])
     with pytest.raises(ValueError, match="non-negative"):
         low_rank_from_factors(jnp.ones((4, 1)), jnp.array([-1.0]), jnp.ones((3, 1)))
+    with pytest.raises(TypeError, match=r"matrix must be a kernels\.BlockSparseMatrix"):
+        BlockSparseLinear(kernels.from_dense(jnp.eye(4)))
+    with pytest.raises(TypeError, match=r"matrix must be a kernels\.SparseMatrix"):
+        SparseLinear(block_from_dense(jnp.eye(4), block_size=2))
+    with pytest.raises(TypeError, match=r"rule must be a kernels\.DensifyRule"):
+        BlockSparseLinear(block_from_dense(jnp.eye(4), block_size=2), rule=0.5)
+
+
+@pytest.mark.parametrize("cls, convert", [(SparseLinear, sparse_from_dense),
+                                          (BlockSparseLinear, block_sparse_from_dense)])
+def test_the_densify_rule_is_static_and_picks_the_form(cls, convert):
+    """``rule`` lives in the graph definition, not in the params: forcing the dense or the
+    sparse product changes the program and not the result."""
+    w = jax.random.normal(jax.random.key(8), (64, 48)) * np.kron(
+        np.random.default_rng(5).random((4, 3)) < 0.5, np.ones((16, 16)))
+    x = jax.random.normal(jax.random.key(9), (2, 5, 64))
+    module = convert(w)
+    assert isinstance(module, cls) and module.rule == kernels.DEFAULT_RULE
+    graphdef, state = nnx.split(module)
+    outputs, programs = [], []
+    for density in (0.0, 1.0):  # densify every product / none
+        module.rule = kernels.DensifyRule.constant(density)
+        g, s = nnx.split(module)
+        assert nnx.to_pure_dict(s).keys() == nnx.to_pure_dict(state).keys() and g != graphdef
+        outputs.append(nnx.merge(g, s)(x))
+        programs.append(str(jax.make_jaxpr(lambda x, g=g, s=s: nnx.merge(g, s)(x))(x)))
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outputs[1], x @ w, rtol=1e-5, atol=1e-5)
+    assert programs[0] != programs[1]

@@ -8,16 +8,21 @@ config))`` — what :func:`admm_jax.training.checkpoint.save_model` writes as a 
 * :func:`compact_from_masks` (one-shot pruners' ``prune() -> (params, masks)``, ELSA's
   ``finalize``): the kept entries ``W ⊙ M`` of every masked linear kernel as a
   :class:`~admm_jax.models.linears.SparseLinear` (COO, ``nnz = |M|``, ``(4 + 2 + 2)·nnz`` bytes
-  with int16 indices: below the dense ``4·in·out`` for density < 1/2) or, for ``structure="N:M"``,
-  an :class:`~admm_jax.models.linears.NMLinear` (``5·in·out·N/M`` bytes);
+  with int16 indices: below the dense ``4·in·out`` for density < 1/2), for ``structure="N:M"``
+  an :class:`~admm_jax.models.linears.NMLinear` (``5·in·out·N/M`` bytes), or, for
+  ``structure="blockB"`` (e.g. ``"block16"``), a
+  :class:`~admm_jax.models.linears.BlockSparseLinear` of the ``b × b`` tiles that hold a kept
+  entry (BSR, ``(4·b² + 2 + 2)`` bytes per tile with int16 indices: a 16 × 16 tile costs
+  ``4.02·b²``, so the bytes are the kept tiles' fraction of the dense ``4·in·out``, plus 0.4 %);
 * :func:`admm_jax.salaad.compact.compact_from_surrogate` (SALAAD + HPA) builds on
   :func:`assemble_compact` here.
 
 Every other leaf (embedding, norms, ``lm_head``, unconverted kernels) is the source's own array.
 A surrogate block that is not a linear kernel (the token embedding) is rebuilt densely, as
-``deploy`` does. A linear that keeps nothing is stored as one explicit zero entry (orbax cannot
-store zero-size arrays). :func:`dense_params` materialises a compact model back (its dense twin:
-same logits to float rounding), and :func:`resident_bytes` counts what the params hold.
+``deploy`` does. A linear that keeps nothing is stored as one explicit zero entry (a zero tile
+for block structures: orbax cannot store zero-size arrays). :func:`dense_params` materialises a
+compact model back (its dense twin: same logits to float rounding), and :func:`resident_bytes`
+counts what the params hold.
 """
 
 from __future__ import annotations
@@ -40,13 +45,15 @@ from admm_jax.models.layouts import (
     structured_factory,
 )
 from admm_jax.models.linears import (
+    BlockSparseLinear,
     SparseLinear,
+    block_sparse_from_dense,
     materialize,
     nm_from_dense,
     sparse_from_dense,
 )
 from admm_jax.models.llama import LlamaConfig, abstract_params
-from admm_jax.ops.structures import NM, StructureSpec, Unstructured, parse_structure
+from admm_jax.ops.structures import NM, Block, StructureSpec, Unstructured, parse_structure
 
 __all__ = [
     "CompactModel",
@@ -104,14 +111,20 @@ def assemble_compact(config: LlamaConfig, params: Any, modules: Mapping[str, nnx
                                        overrides))
 
 
-def nothing_kept(shape: tuple[int, int], config: LlamaConfig) -> SparseLinear:
-    """``W = 0`` as one explicit zero entry at ``(0, 0)``."""
-    return SparseLinear(kernels.sparse_matrix(jnp.zeros(1), jnp.zeros(1, jnp.int32),
-                                      jnp.zeros(1, jnp.int32), shape),
+def nothing_kept(shape: tuple[int, int], config: LlamaConfig,
+                 block_size: int | None = None) -> SparseLinear | BlockSparseLinear:
+    """``W = 0`` as one explicit zero entry at ``(0, 0)``, or with ``block_size`` one zero
+    ``b × b`` tile at block ``(0, 0)``."""
+    zero = jnp.zeros(1, jnp.int32)
+    if block_size is not None:
+        tile = jnp.zeros((1, block_size, block_size))
+        return BlockSparseLinear(kernels.block_sparse_matrix(tile, zero, zero, shape),
+                                 compute_dtype=config.compute_dtype)
+    return SparseLinear(kernels.sparse_matrix(jnp.zeros(1), zero, zero, shape),
                         compute_dtype=config.compute_dtype)
 
 
-def _masked_module(w: Any, mask: Any, structure: Unstructured | NM,
+def _masked_module(w: Any, mask: Any, structure: Unstructured | NM | Block,
                    config: LlamaConfig) -> nnx.Module:
     keep = np.asarray(mask, bool)
     if keep.shape != tuple(w.shape):
@@ -119,8 +132,12 @@ def _masked_module(w: Any, mask: Any, structure: Unstructured | NM,
     kept = np.where(keep, np.asarray(w, np.float32), 0.0)
     if isinstance(structure, NM):
         return nm_from_dense(kept, structure.n, structure.m, compute_dtype=config.compute_dtype)
+    block_size = structure.size if isinstance(structure, Block) else None
     if not keep.any():
-        return nothing_kept(kept.shape, config)
+        return nothing_kept(kept.shape, config, block_size)
+    if block_size is not None:
+        return block_sparse_from_dense(kept, keep, block_size=block_size,
+                                       compute_dtype=config.compute_dtype)
     return sparse_from_dense(kept, keep, compute_dtype=config.compute_dtype)
 
 
@@ -138,15 +155,20 @@ def compact_from_masks(config: LlamaConfig, params: Any, masks: Mapping[str, Any
         structure: ``"unstructured"`` → :class:`SparseLinear` of the mask's entries (mask
             entries with weight 0 are kept as explicit zeros); ``"N:M"`` (e.g. ``"2:4"``) →
             :class:`NMLinear`, which needs ``W ⊙ M`` to have at most N nonzeros in every group of
-            M inputs of each output.
+            M inputs of each output; ``"blockB"`` / ``Block(b)`` (e.g. ``"block16"``) →
+            :class:`BlockSparseLinear` of every ``b × b`` tile (of the kernel zero-padded to
+            multiples of ``b``) that holds a mask entry, storing ``W ⊙ M`` exactly: a mask of
+            whole tiles (block pruning) stores just its tiles, any other mask also the zeros
+            of its partly kept tiles.
 
     Raises:
         ValueError: a mask path that is not a leaf of ``params``, a mask of the wrong shape, a
             kernel that does not follow the N:M pattern (the path is named), ``"channel"``.
     """
     structure = parse_structure(structure)
-    if not isinstance(structure, (Unstructured, NM)):
-        raise ValueError(f"compact layers store unstructured or N:M sparsity, not {structure}")
+    if not isinstance(structure, (Unstructured, NM, Block)):
+        raise ValueError(f"compact layers store unstructured, N:M or block sparsity, not "
+                         f"{structure}")
     flat, linears = flat_paths(params), linear_specs(config)
     modules = {}
     for leaf, mask in masks.items():
@@ -191,6 +213,6 @@ def dense_params(config: LlamaConfig, layouts: Mapping[str, Layout], params: Any
 
 def resident_bytes(params: Any) -> int:
     """``Σ size · itemsize`` over the array leaves of ``params`` (each at its own dtype: fp32
-    values and factors, int16/int32 COO indices, uint8 N:M indices)."""
+    values, tiles and factors, int16/int32 COO and block indices, uint8 N:M indices)."""
     return int(sum(x.size * jnp.dtype(x.dtype).itemsize
                    for x in jax.tree_util.tree_leaves(params)))

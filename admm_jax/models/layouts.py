@@ -1,15 +1,18 @@
 """Layouts of compact linear layers and the linear factory that builds a model from them.
 
 Layouts and templates. A :data:`Layout` (``DenseLayout()``, ``LowRankLayout(rank)``,
-``SparseLayout(nnz)``, ``NMLayout(n, m)``, ``SumLayout(parts)``) fixes every stored shape, so
-``abstract_params(config, linear=structured_factory(layouts, config))`` is the exact restore
-template (index leaves included, as int ``ShapeDtypeStruct``) without any data. A layout that
-only gives ``nnz`` initialises a random support; ``SparseLayout(nnz, rows, cols)`` fixes it.
+``SparseLayout(nnz)``, ``BlockSparseLayout(n_blocks, block_size)``, ``NMLayout(n, m)``,
+``SumLayout(parts)``) fixes every stored shape, so ``abstract_params(config,
+linear=structured_factory(layouts, config))`` is the exact restore template (index leaves
+included, as int ``ShapeDtypeStruct``) without any data. A layout that only gives ``nnz`` /
+``n_blocks`` initialises a random support; ``SparseLayout(nnz, rows, cols)`` and
+``BlockSparseLayout(n_blocks, block_size, block_rows, block_cols)`` fix it.
 
 Building a compact model from a dense, SALAAD or pruned source::
 
     mods = {"layers/0/attn/q_proj": low_rank_from_factors(u, s, v),           # SVD factors
             "layers/0/mlp/up_proj": sparse_from_dense(w_pruned),              # w ≠ 0 kept
+            "layers/0/mlp/gate_proj": block_sparse_from_dense(w_tiles, block_size=16),
             "layers/1/mlp/down_proj": nm_from_dense(w_24, 2, 4),              # a 2:4 matrix
             "layers/1/attn/o_proj": SumLinear([low_rank_from_factors(u, s, v),
                                                sparse_from_dense(w_s)])}      # SALAAD L + S
@@ -21,6 +24,7 @@ On disk (a compact checkpoint's ``model.json``) layouts are JSON, :func:`layouts
 
     {"layers/0/attn/q_proj": {"type": "low_rank", "rank": 8},
      "layers/0/mlp/up_proj": {"type": "sparse", "nnz": 1234},      # rows/cols are params leaves
+     "layers/0/mlp/gate_proj": {"type": "block", "n_blocks": 40, "block_size": 16},
      "layers/1/attn/o_proj": {"type": "sum", "parts": [{"type": "low_rank", "rank": 4},
                                                        {"type": "sparse", "nnz": 99}]}}
 
@@ -41,6 +45,7 @@ from flax import nnx
 import kernels
 from admm_jax._checks import check_int
 from admm_jax.models.linears import (
+    BlockSparseLinear,
     LowRankLinear,
     NMLinear,
     SparseLinear,
@@ -56,7 +61,8 @@ from admm_jax.models.llama import (
 )
 
 __all__ = [
-    "DenseLayout", "Layout", "LowRankLayout", "NMLayout", "SparseLayout", "SumLayout",
+    "BlockSparseLayout", "DenseLayout", "Layout", "LowRankLayout", "NMLayout", "SparseLayout",
+    "SumLayout",
     "build_linear", "insert_linears", "layout_of", "layouts_from_json", "layouts_to_json",
     "linear_specs", "structured_factory",
 ]
@@ -83,6 +89,17 @@ class SparseLayout(NamedTuple):
     cols: Any = None
 
 
+class BlockSparseLayout(NamedTuple):
+    """:class:`BlockSparseLinear` with ``n_blocks`` tiles of ``block_size × block_size``: a
+    random set of tiles of the block grid, or the given ``block_rows`` and ``block_cols``
+    (length ``n_blocks``) fixed; the values are initialised at random either way."""
+
+    n_blocks: int
+    block_size: int
+    block_rows: Any = None
+    block_cols: Any = None
+
+
 class NMLayout(NamedTuple):
     """:class:`NMLinear` with ``n`` of every ``m`` input rows kept (random in-group support)."""
 
@@ -96,8 +113,8 @@ class SumLayout(NamedTuple):
     parts: tuple
 
 
-Layout = DenseLayout | LowRankLayout | SparseLayout | NMLayout | SumLayout
-_LAYOUTS = (DenseLayout, LowRankLayout, SparseLayout, NMLayout, SumLayout)
+Layout = DenseLayout | LowRankLayout | SparseLayout | BlockSparseLayout | NMLayout | SumLayout
+_LAYOUTS = (DenseLayout, LowRankLayout, SparseLayout, BlockSparseLayout, NMLayout, SumLayout)
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> Array:
@@ -136,6 +153,28 @@ def _build_sparse(layout: SparseLayout, spec: LinearSpec, config: LlamaConfig,
     return SparseLinear(matrix, compute_dtype=config.compute_dtype)
 
 
+def _build_block(layout: BlockSparseLayout, spec: LinearSpec, config: LlamaConfig,
+                 rngs: nnx.Rngs) -> BlockSparseLinear:
+    d_in, d_out = spec.in_features, spec.out_features
+    b = check_int("block_size", layout.block_size, minimum=1)
+    g0, g1 = kernels.block.block_grid((d_in, d_out), b)
+    n = check_int("n_blocks", layout.n_blocks, minimum=0, maximum=g0 * g1)
+    if (layout.block_rows is None) != (layout.block_cols is None):
+        raise ValueError("BlockSparseLayout needs both block_rows and block_cols, or neither")
+    if layout.block_rows is None:  # uniform random tiles: the top-n of i.i.d. uniform scores
+        flat = jax.lax.top_k(jax.random.uniform(rngs.params(), (g0 * g1,)), n)[1]
+        rows, cols = flat // g1, flat % g1
+    else:
+        with jax.ensure_compile_time_eval():  # concrete even under eval_shape: validated
+            rows, cols = jnp.asarray(layout.block_rows), jnp.asarray(layout.block_cols)
+        if rows.shape != (n,) or cols.shape != (n,):
+            raise ValueError(f"BlockSparseLayout block_rows and block_cols must have shape "
+                             f"({n},), got {rows.shape} and {cols.shape}")
+    matrix = kernels.block_sparse_matrix(_normal(rngs, (n, b, b), config.init_std), rows, cols,
+                                         (d_in, d_out))
+    return BlockSparseLinear(matrix, compute_dtype=config.compute_dtype)
+
+
 def _build_nm(layout: NMLayout, spec: LinearSpec, config: LlamaConfig,
               rngs: nnx.Rngs) -> NMLinear:
     n, m = check_nm_pattern(layout.n, layout.m)
@@ -155,8 +194,8 @@ def _build_sum(layout: SumLayout, spec: LinearSpec, config: LlamaConfig,
     return SumLinear([build_linear(part, spec, config, rngs) for part in layout.parts])
 
 
-_BUILDERS = {LowRankLayout: _build_low_rank, SparseLayout: _build_sparse, NMLayout: _build_nm,
-             SumLayout: _build_sum}
+_BUILDERS = {LowRankLayout: _build_low_rank, SparseLayout: _build_sparse,
+             BlockSparseLayout: _build_block, NMLayout: _build_nm, SumLayout: _build_sum}
 
 
 def build_linear(layout: Layout, spec: LinearSpec, config: LlamaConfig,
@@ -192,7 +231,7 @@ def structured_factory(layouts: Mapping[str, Layout], config: LlamaConfig) -> Li
     """A :data:`LinearFactory` building ``layouts[spec.path]`` (dense where no layout is given).
 
     Every layout is checked against ``config`` here, by building it abstractly: unknown paths,
-    wrong types and misfits (rank, N:M, nnz, index range) raise at once. Shapes depend on the
+    wrong types and misfits (rank, N:M, nnz, tiles, index range) raise at once. Shapes depend on the
     layouts only, so ``abstract_params(config, linear=factory)`` is the restore template."""
     specs = linear_specs(config)
     unknown = sorted(set(layouts) - set(specs))
@@ -215,14 +254,17 @@ def _check_layout(layout: Layout, spec: LinearSpec, config: LlamaConfig) -> None
 
 
 def layout_of(module: nnx.Module) -> Layout:
-    """The shape-only layout of a linear (``SparseLayout`` without indices): the template to
-    build a model into which :func:`insert_linears` puts ``module``'s arrays."""
+    """The shape-only layout of a linear (``SparseLayout`` / ``BlockSparseLayout`` without
+    indices): the template to build a model into which :func:`insert_linears` puts
+    ``module``'s arrays."""
     if isinstance(module, nnx.Linear):
         return DenseLayout()
     if isinstance(module, LowRankLinear):
         return LowRankLayout(module.rank)
     if isinstance(module, SparseLinear):
         return SparseLayout(int(module.values.shape[0]))
+    if isinstance(module, BlockSparseLinear):
+        return BlockSparseLayout(module.n_blocks, module.block_size)
     if isinstance(module, NMLinear):
         return NMLayout(module.n, module.m)
     if isinstance(module, SumLinear):
@@ -259,9 +301,11 @@ def _signature(tree: Any) -> tuple:
 
 
 _JSON_NAMES = {DenseLayout: "dense", LowRankLayout: "low_rank", SparseLayout: "sparse",
-               NMLayout: "nm", SumLayout: "sum"}
+               BlockSparseLayout: "block", NMLayout: "nm", SumLayout: "sum"}
 _JSON_FIELDS = {DenseLayout: (), LowRankLayout: ("rank",), SparseLayout: ("nnz",),
-                NMLayout: ("n", "m"), SumLayout: ("parts",)}
+                BlockSparseLayout: ("n_blocks", "block_size"), NMLayout: ("n", "m"),
+                SumLayout: ("parts",)}
+_JSON_MINIMUM = {"block_size": 1}  # fields a model-independent bound applies to (others: 0)
 
 
 def _layout_to_json(layout: Layout) -> dict:
@@ -290,12 +334,14 @@ def _layout_from_json(obj: Any, where: str) -> Layout:
             raise ValueError(f"{where}: a 'sum' layout needs a non-empty list of parts")
         return SumLayout(tuple(_layout_from_json(p, f"{where}/parts/{i}")
                                for i, p in enumerate(obj["parts"])))
-    return kind(*(check_int(f"{where}: {f}", obj[f], minimum=0) for f in _JSON_FIELDS[kind]))
+    return kind(*(check_int(f"{where}: {f}", obj[f], minimum=_JSON_MINIMUM.get(f, 0))
+                  for f in _JSON_FIELDS[kind]))
 
 
 def layouts_to_json(layouts: Mapping[str, Layout]) -> dict[str, dict]:
     """``{path: {"type": ..., fields}}``: the shape-only JSON form of ``layouts`` (a
-    ``SparseLayout`` keeps ``nnz`` only: its indices are leaves of the params)."""
+    ``SparseLayout`` keeps ``nnz`` only, a ``BlockSparseLayout`` ``n_blocks`` and
+    ``block_size``: their indices are leaves of the params)."""
     return {str(path): _layout_to_json(layout) for path, layout in layouts.items()}
 
 

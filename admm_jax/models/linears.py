@@ -7,6 +7,9 @@ Each layer maps ``[..., in] -> [..., out]`` like the bias-free :func:`dense_line
 * :class:`SparseLinear` ``y = x W`` with ``W`` a :class:`kernels.SparseMatrix` (COO values +
   int16/int32 rows and cols), run by :func:`kernels.sparse_matmul` (SpMM forward, SDDMM value
   gradient);
+* :class:`BlockSparseLinear` ``y = x W`` with ``W`` a :class:`kernels.BlockSparseMatrix`
+  (``b × b`` tiles + int16/int32 block rows and columns: BSR), run by the same dispatcher with
+  dense tile products;
 * :class:`NMLinear` N:M along the input axis: ``values [in·N/M, out]`` and uint8 in-group
   indices (Mishra et al. 2021, "Accelerating Sparse Deep Neural Networks");
 * :class:`SumLinear` ``y = Σ_p part_p(x)``, e.g. SALAAD's ``W = L + S``.
@@ -15,7 +18,10 @@ State: trained numbers are ``nnx.Param``; index arrays are :class:`SparseIndices
 ``nnx.Variable``, so ``nnx.Param`` filters (``trainable=nnx.Param`` of the training step,
 optimizers) never see them, while ``nnx.split`` / ``nnx.to_pure_dict`` / ``nnx.merge`` carry
 them with their integer dtype: they are ordinary leaves of the pure-dict params and of a
-checkpoint, e.g. ``{"values": f32[nnz], "rows": i16[nnz], "cols": i16[nnz]}``.
+checkpoint, e.g. ``{"values": f32[nnz], "rows": i16[nnz], "cols": i16[nnz]}`` or
+``{"values": f32[n_blocks, b, b], "block_rows": i16[n_blocks], "block_cols": i16[n_blocks]}``.
+The sparse layers also hold a static :class:`kernels.DensifyRule` (``rule``, part of the graph
+definition, not of the params): the density above which ``impl="auto"`` runs the product dense.
 
 Layouts, templates and building a compact model from a dense, SALAAD or pruned source:
 :mod:`admm_jax.models.layouts`. :func:`materialize` is the dense ``[in, out]`` kernel of any of
@@ -35,11 +41,13 @@ import kernels
 from admm_jax._checks import check_int, is_traced
 
 __all__ = [
+    "BlockSparseLinear",
     "LowRankLinear",
     "NMLinear",
     "SparseIndices",
     "SparseLinear",
     "SumLinear",
+    "block_sparse_from_dense",
     "check_nm_pattern",
     "low_rank_from_factors",
     "materialize",
@@ -90,13 +98,17 @@ class SparseLinear(nnx.Module):
     Args:
         matrix: a validated :class:`kernels.SparseMatrix` ``[in, out]``.
         compute_dtype: activations and values are cast to it; the kernel accumulates in fp32.
+        rule: the :class:`kernels.DensifyRule` the dispatcher densifies by (static; default
+            :data:`kernels.DEFAULT_RULE`).
     """
 
-    def __init__(self, matrix: kernels.SparseMatrix, *, compute_dtype: str = "float32"):
+    def __init__(self, matrix: kernels.SparseMatrix, *, compute_dtype: str = "float32",
+                 rule: kernels.DensifyRule | None = None):
         if not isinstance(matrix, kernels.SparseMatrix):
             raise TypeError(f"matrix must be a kernels.SparseMatrix, got {type(matrix).__name__}")
         self.in_features, self.out_features = matrix.shape
         self.compute_dtype = compute_dtype
+        self.rule = _check_rule(rule)
         self.values = nnx.Param(matrix.values)
         self.rows, self.cols = SparseIndices(matrix.rows), SparseIndices(matrix.cols)
 
@@ -108,14 +120,83 @@ class SparseLinear(nnx.Module):
                                     shape=(self.in_features, self.out_features))
 
     def __call__(self, x: Array) -> Array:
-        dt = jnp.dtype(self.compute_dtype)
-        w = self.matrix
-        w = w.with_values(w.values.astype(dt))
-        return kernels.sparse_matmul(x.astype(dt), w, impl="auto").astype(dt)
+        return _sparse_call(x, self.matrix, self.compute_dtype, self.rule)
 
     def dense(self) -> Array:
         """The scatter of ``values`` into a zero ``[in, out]``."""
         return kernels.to_dense(self.matrix)
+
+
+class BlockSparseLinear(nnx.Module):
+    """``y = x W`` with ``W`` block-sparse (BSR): ``values`` an ``nnx.Param [n_blocks, b, b]``
+    of dense ``b × b`` tiles, ``block_rows`` and ``block_cols`` :class:`SparseIndices` of their
+    positions on the block grid (fixed; the values train through the SDDMM backward of
+    :func:`kernels.sparse_matmul`, ``impl="auto"``). Entries of tiles that overhang ``[in,
+    out]`` (shapes that are not multiples of ``b``) are stored but never used.
+
+    Args:
+        matrix: a validated :class:`kernels.BlockSparseMatrix` ``[in, out]``.
+        compute_dtype: activations and values are cast to it; the kernel accumulates in fp32.
+        rule: the :class:`kernels.DensifyRule` the dispatcher densifies by (static; default
+            :data:`kernels.DEFAULT_RULE`).
+    """
+
+    def __init__(self, matrix: kernels.BlockSparseMatrix, *, compute_dtype: str = "float32",
+                 rule: kernels.DensifyRule | None = None):
+        if not isinstance(matrix, kernels.BlockSparseMatrix):
+            raise TypeError(f"matrix must be a kernels.BlockSparseMatrix, got "
+                            f"{type(matrix).__name__}")
+        self.in_features, self.out_features = matrix.shape
+        self.compute_dtype = compute_dtype
+        self.rule = _check_rule(rule)
+        self.values = nnx.Param(matrix.values)
+        self.block_rows = SparseIndices(matrix.block_rows)
+        self.block_cols = SparseIndices(matrix.block_cols)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(in, out)`` of ``W``."""
+        return self.in_features, self.out_features
+
+    @property
+    def block_size(self) -> int:
+        """The tile side ``b``."""
+        return int(self.values.shape[1])
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of stored tiles."""
+        return int(self.values.shape[0])
+
+    @property
+    def matrix(self) -> kernels.BlockSparseMatrix:
+        """The stored ``W`` as a :class:`kernels.BlockSparseMatrix`."""
+        return kernels.BlockSparseMatrix(
+            values=self.values[...], block_rows=self.block_rows[...],
+            block_cols=self.block_cols[...], shape=self.shape)
+
+    def __call__(self, x: Array) -> Array:
+        return _sparse_call(x, self.matrix, self.compute_dtype, self.rule)
+
+    def dense(self) -> Array:
+        """The tiles scattered into a zero ``[in, out]`` (overhang dropped)."""
+        return self.matrix.to_dense()
+
+
+def _check_rule(rule: kernels.DensifyRule | None) -> kernels.DensifyRule:
+    """``rule``, or :data:`kernels.DEFAULT_RULE` for ``None``."""
+    rule = kernels.DEFAULT_RULE if rule is None else rule
+    if not isinstance(rule, kernels.DensifyRule):
+        raise TypeError(f"rule must be a kernels.DensifyRule, got {type(rule).__name__}")
+    return rule
+
+
+def _sparse_call(x: Array, w: kernels.SparseMatrix | kernels.BlockSparseMatrix, compute_dtype: str,
+                 rule: kernels.DensifyRule) -> Array:
+    """``x W`` in ``compute_dtype`` (values and activations cast; fp32 accumulation)."""
+    dt = jnp.dtype(compute_dtype)
+    w = w.with_values(w.values.astype(dt))
+    return kernels.sparse_matmul(x.astype(dt), w, impl="auto", rule=rule).astype(dt)
 
 
 class NMLinear(nnx.Module):
@@ -211,7 +292,7 @@ def materialize(module: nnx.Module) -> Array:
         if module.bias is not None:
             raise ValueError("materialize expects a bias-free nnx.Linear")
         return module.kernel[...]
-    if isinstance(module, (LowRankLinear, SparseLinear, NMLinear, SumLinear)):
+    if isinstance(module, (LowRankLinear, SparseLinear, BlockSparseLinear, NMLinear, SumLinear)):
         return module.dense()
     raise TypeError(f"cannot materialize a {type(module).__name__}")
 
@@ -221,7 +302,6 @@ def param_bytes(module: nnx.Module) -> int:
     ``Σ size · itemsize`` over its state, for concrete or abstract (``eval_shape``) modules."""
     return int(sum(x.size * jnp.dtype(x.dtype).itemsize
                    for x in jax.tree_util.tree_leaves(nnx.state(module))))
-
 
 
 def low_rank_from_factors(u: Array, s: Array, v: Array, *,
@@ -247,6 +327,18 @@ def sparse_from_dense(w: Array, mask: Array | None = None, *,
     :class:`SparseLinear` (:func:`kernels.from_dense`; concrete inputs only)."""
     return SparseLinear(kernels.from_dense(jnp.asarray(w), mask, index_dtype=index_dtype),
                         compute_dtype=compute_dtype)
+
+
+def block_sparse_from_dense(w: Array, mask: Array | None = None, *, block_size: int = 16,
+                            index_dtype: kernels.sparse.IndexDtype = "auto",
+                            compute_dtype: str = "float32") -> BlockSparseLinear:
+    """The ``block_size × block_size`` tiles of ``w [in, out]`` that hold a kept entry (``mask``,
+    default ``w ≠ 0``) as a :class:`BlockSparseLinear` storing ``w ⊙ mask`` exactly (entries off
+    the mask inside a kept tile as zeros; :func:`kernels.block_from_dense`, concrete inputs
+    only)."""
+    matrix = kernels.block_from_dense(jnp.asarray(w), mask, block_size=block_size,
+                                      index_dtype=index_dtype)
+    return BlockSparseLinear(matrix, compute_dtype=compute_dtype)
 
 
 def nm_from_dense(w: Array, n: int, m: int, *, compute_dtype: str = "float32") -> NMLinear:
