@@ -5,7 +5,11 @@
         --budgets 0.3,0.5,0.7                                 # (c) on SmolLM2 stand-ins
     python -m experiments.bench_sparse --models dense=runs/x/model,elsa90=runs/x-c --tokens 1,512
     python -m experiments.bench_sparse --parts crossover --standins smollm2 --repeats 5 \
-        --out results/bench_sparse_crossover.json            # (d): CPU_DENSIFY_ABOVE's source
+        --out results/bench_sparse_crossover.json            # (d): COO_CROSSOVER.cpu's source
+    python -m experiments.bench_sparse --parts formats,memory --out results/bench_block.json
+    python -m experiments.bench_sparse --parts blockmodel --standins smollm2 --tokens 1,512 \
+        --out results/bench_block_model.json                # (g)
+    python -m experiments.bench_sparse --device true --out results/bench_sparse_<gpu>.json
     python -m experiments.bench_sparse --quick true          # a smoke run in seconds
 
 (a) SpMM forward ``x @ W`` (:func:`kernels.sparse_matmul`) in both CPU forms, ``impl="xla"``
@@ -28,9 +32,22 @@ and 2:4), and HPA deployments at ``--budgets`` of a low-rank + sparse surrogate 
 shape (``--rank_ratio``, ``--density``). A deployment's speed and bytes depend only on its
 layouts and sizes, not on how good the weights are.
 
-(d) The crossover that :data:`kernels.ops.CPU_DENSIFY_ABOVE` holds (``densify_above``): the
+(d) The crossover that ``kernels.COO_CROSSOVER.cpu`` holds (``densify_above``): the
 ``--standins`` model magnitude-pruned to 3–70 % density, its forward with every sparse product in
-the XLA form against every one densified (:func:`kernels.densify_rule`), at 1–512 tokens.
+the XLA form against every one densified (a :class:`kernels.DensifyRule` set on the
+layers), at 1–512 tokens.
+
+(e) Formats: dense ``x @ W`` against COO and BSR (16 × 16 and 32 × 32 tiles) at the same
+sparsity (50 / 70 / 90 %) on the SmolLM2 layer shapes, at 1 and 512 tokens, forward and forward
++ backward (both gradients), each sparse form in the platform's sparse kernel (XLA on CPU,
+Pallas on GPU / TPU), and which form the default :class:`kernels.DensifyRule` would run.
+(f) Backward memory: the compiled temporaries of a 576 × 1536 layer's forward + backward, COO and
+BSR16 at 1–10 % density and 1–2,048 tokens, against the dense gradient's ``4·n_in·n_out`` bytes.
+(g) Block model: SmolLM2 pruned by SparseGPT to ``--block_sparsity`` unstructured and in 16 × 16
+blocks, held-out perplexity of both and the compact (COO / BSR16) forward against dense.
+(h) ``--device true`` on a GPU or TPU: (e), (f) and, per format, the sparse kernel against the
+densified product at 1–50 % density and 1–512 tokens with its crossover per token count — the
+measurement that replaces :class:`kernels.DensifyRule`'s GPU / TPU estimates.
 
 Every timing is a median over ``--repeats`` rounds in which all contenders alternate
 (:func:`experiments.benchmarking.interleaved_medians`), after ``--warmup`` untimed calls.
@@ -48,27 +65,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tokenizers
+from flax import nnx
 
 from admm_jax._checks import check_choice, check_int, check_real
+from admm_jax.data import calibration_samples, eval_batches, prepare_corpus
 from admm_jax.models.compact import compact_from_masks, resident_bytes
-from admm_jax.models.llama import PRESETS, LlamaConfig, forward, init_params
+from admm_jax.models.linears import BlockSparseLinear, SparseLinear
+from admm_jax.models.llama import PRESETS, LlamaConfig, abstract_params, forward, init_params
 from admm_jax.models.pretrained import PRETRAINED
+from admm_jax.ops.structures import Block, parse_structure
 from admm_jax.pruning import prune
 from admm_jax.salaad.compact import compact_from_surrogate
 from admm_jax.salaad.hpa import allocate
 from admm_jax.salaad.surrogate import block_surrogate
 from admm_jax.training.checkpoint import checkpoint_bytes, load_model, model_graphdef, save_model
+from admm_jax.training.lm import make_nll_sum, perplexity
 from experiments.benchmarking import interleaved_medians, report
 from experiments.cli import csv_items, parse_config
 from experiments.loading import load_model_source
-from kernels import densify_rule, from_dense, resolve_impl, sddmm, sparse_matmul
+from kernels import (
+    DensifyRule,
+    block_from_dense,
+    from_dense,
+    resolve_impl,
+    sddmm,
+    sparse_matmul,
+)
 
 SHAPES = ((576, 576), (576, 192), (576, 1536), (1536, 576))
 DENSITIES = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.14, 0.2, 0.3, 0.5)
 SPMM_TOKENS = (1, 8, 64, 512)
 SDDMM_DENSITIES = (0.001, 0.005, 0.01, 0.02, 0.05)
 MODEL_DENSITIES = (0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
-PARTS = ("spmm", "sddmm", "models", "crossover")
+FORMAT_SPARSITIES = (0.5, 0.7, 0.9)
+FORMAT_TOKENS = (1, 512)
+MEMORY_DENSITIES = (0.01, 0.02, 0.05, 0.1)
+MEMORY_TOKENS = (1, 64, 512, 2048)
+PARTS = ("spmm", "sddmm", "models", "crossover", "formats", "memory", "blockmodel")
+SPARSE_ONLY = DensifyRule.constant(1.0)  # never densify: the platform's sparse kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +136,17 @@ class BenchSparseConfig:
     tokens: str = "1,512"
     """Sequence lengths for (c) (capped at each model's max_seq_len)."""
     parts: str = "spmm,sddmm,models"
-    """Comma-separated benchmarks to run: spmm (a), sddmm (b), models (c), crossover (d)."""
+    """Comma-separated benchmarks to run: spmm (a), sddmm (b), models (c), crossover (d),
+    formats (e), memory (f), blockmodel (g)."""
+    device: bool = False
+    """Run on the present GPU or TPU: (e) and (f) with its Pallas kernels and the per-format
+    crossovers (h) behind kernels.DensifyRule (refused on a CPU-only machine)."""
+    crossover_structure: str = "unstructured"
+    """Structure of (d)'s pruned models: unstructured (COO layers) or block16 / block32 (BSR)."""
+    corpus: str = "shakespeare"
+    """Corpus of (g): calibration from its train split, perplexity on its validation split."""
+    block_sparsity: float = 0.9
+    """Sparsity of (g)'s SparseGPT models (unstructured and 16 × 16 blocks)."""
 
     def __post_init__(self):
         check_int("repeats", self.repeats, minimum=1)
@@ -116,6 +160,11 @@ class BenchSparseConfig:
             check_real("budgets", budget, low=0.0, high=1.0, low_open=True)
         for sparsity in _floats(self.sparsities):
             check_real("sparsities", sparsity, low=0.0, high=1.0, high_open=True)
+        check_real("block_sparsity", self.block_sparsity, low=0.0, high=1.0, high_open=True)
+        if self.crossover_structure != "unstructured" and not isinstance(
+                parse_structure(self.crossover_structure), Block):
+            raise ValueError(f"crossover_structure must be 'unstructured' or 'blockB' (e.g. "
+                             f"'block16'), got {self.crossover_structure!r}")
 
 
 def _floats(csv: str) -> tuple[float, ...]:
@@ -185,15 +234,16 @@ def with_dispatch(row: dict) -> dict:
     return {**row, "auto_impl": auto, "auto_s": auto_s, "speedup": row["dense_s"] / auto_s}
 
 
-def crossover(rows: list[dict], tokens: int) -> float:
-    """The density above which ``"densify"`` beats ``"xla"`` at ``tokens``: per shape (model
-    rows have the empty shape: one group), the geometric mean of the last grid density where XLA
-    wins and the next one (the grid's end if one form wins everywhere); the median over shapes."""
+def crossover(rows: list[dict], tokens: int, sparse_key: str = "xla_s") -> float:
+    """The density above which ``"densify"`` beats the sparse form (``rows[i][sparse_key]``) at
+    ``tokens``: per shape (model rows have the empty shape: one group), the geometric mean of the
+    last grid density where the sparse form wins and the next one (the grid's end if one form
+    wins everywhere); the median over shapes."""
     points = []
     for shape in sorted({tuple(r["shape"]) for r in rows}):
         grid = sorted((r for r in rows if tuple(r["shape"]) == shape and r["tokens"] == tokens),
                       key=lambda r: r["density"])
-        wins = [r["densify_s"] < r["xla_s"] for r in grid]
+        wins = [r["densify_s"] < r[sparse_key] for r in grid]
         k = next((i for i in range(len(grid)) if all(wins[i:])), len(grid))
         if k in (0, len(grid)):
             points.append(grid[min(k, len(grid) - 1)]["density"])
@@ -236,25 +286,35 @@ def _forward(graphdef, params, tokens):
     return forward(graphdef, params, tokens)
 
 
-FORCE = {"xla": ((1, 1.0),), "densify": ((1, 0.0),)}  # densify_rule tables forcing one form
+FORCE = {"xla": SPARSE_ONLY, "densify": DensifyRule.constant(0.0)}  # rules forcing one form
+
+
+def with_rule(graphdef: nnx.GraphDef, params, rule: DensifyRule) -> nnx.GraphDef:
+    """``graphdef`` with every compact sparse layer's dispatch rule set to ``rule``."""
+    model = nnx.merge(graphdef, params)
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, (SparseLinear, BlockSparseLinear)):
+            module.rule = rule
+    return nnx.split(model)[0]
 
 
 def bench_model_crossover(root: Path, base, densities, token_counts, repeats: int,
-                          warmup: int) -> list[dict]:
+                          warmup: int, structure: str = "unstructured") -> list[dict]:
     """(d): the whole model's forward with every projection kernel magnitude-pruned to each
-    ``densities`` (compact, unstructured), run once with every sparse product in the XLA form
-    and once densified (:func:`kernels.densify_rule`), against the dense model: rows
-    ``{density, tokens, dense_s, xla_s, densify_s}``. Unlike (a) the weights of 210 layers do not
-    fit in cache, as in real use; :data:`kernels.ops.CPU_DENSIFY_ABOVE` is this part's
-    crossover."""
+    ``densities`` (compact: COO for ``"unstructured"``, BSR for ``"block16"`` …), run once with
+    every sparse product in the XLA form and once densified (the layers'
+    :class:`kernels.DensifyRule`), against the dense model: rows ``{density, tokens, dense_s,
+    xla_s, densify_s}``. Unlike (a) the weights of 210 layers do not fit in cache, as in real
+    use; ``kernels.COO_CROSSOVER.cpu`` and ``kernels.BLOCK_CROSSOVER.cpu`` are this part's
+    crossovers."""
     config, params, tokenizer = base
     dense = functools.partial(_forward, model_graphdef(load_model(
         save_model(root / "dense", params, model_config=config, tokenizer=tokenizer))))
     rows = []
     for density in densities:
         kept, masks = prune(config, params, method="magnitude", sparsity=1 - density,
-                            structure="unstructured", verbose=False)
-        model = compact_from_masks(config, kept, masks, structure="unstructured")
+                            structure=structure, verbose=False)
+        model = compact_from_masks(config, kept, masks, structure=structure)
         loaded = load_model(save_model(root / f"d{density:g}", model.params, model_config=config,
                                        tokenizer=tokenizer, layouts=model.layouts))
         graphdef = model_graphdef(loaded)
@@ -262,10 +322,9 @@ def bench_model_crossover(root: Path, base, densities, token_counts, repeats: in
             seq = jnp.asarray(np.random.default_rng(5).integers(
                 0, config.vocab_size, (1, min(tokens, config.max_seq_len))), jnp.int32)
             fns = {"dense": functools.partial(jax.jit(dense), params, seq)}
-            for form, table in FORCE.items():
-                with densify_rule(table):  # a new partial: jit's trace cache keys on it
-                    jitted = jax.jit(functools.partial(_forward, graphdef))
-                    jax.block_until_ready(jitted(loaded.params, seq))  # traced under the rule
+            for form, rule in FORCE.items():
+                jitted = jax.jit(functools.partial(_forward, with_rule(graphdef, loaded.params,
+                                                                       rule)))
                 fns[form] = functools.partial(jitted, loaded.params, seq)
             t = interleaved_medians(fns, repeats, warmup)
             rows.append({"shape": [], "density": density, "tokens": int(seq.shape[1]),
@@ -299,6 +358,151 @@ def bench_models(models: dict[str, str], token_counts, repeats: int, warmup: int
                 row[f"{key}_vs_{ref}"] = row[key] / block[0][key]
         rows += block
     return rows
+
+
+def random_formats(shape: tuple[int, int], sparsity: float, seed: int) -> dict:
+    """The same-sparsity contenders of (e): a dense ``W``, a random unstructured COO support and
+    random ``b × b`` block supports (b = 16, 32) keeping ``1 − sparsity`` of the tiles."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape).astype(np.float32)
+    out = {"dense": jnp.asarray(w), "coo": from_dense(w, rng.random(shape) >= sparsity)}
+    for b in (16, 32):
+        grid = (-(-shape[0] // b), -(-shape[1] // b))
+        keep = np.kron(rng.random(grid) >= sparsity, np.ones((b, b), bool))
+        out[f"bsr{b}"] = block_from_dense(w, keep[:shape[0], :shape[1]], block_size=b)
+    return out
+
+
+def _product(w, rule: DensifyRule):
+    """``x ↦ x @ W`` for a dense array or a sparse matrix (the platform's sparse kernel)."""
+    if isinstance(w, jax.Array):
+        return lambda x, w: x @ w
+    return lambda x, w: sparse_matmul(x, w, rule=rule)
+
+
+def _values(w):
+    return w if isinstance(w, jax.Array) else w.values
+
+
+def _with_backward(product):
+    """``(x, W, dy) ↦ (∂/∂x, ∂/∂values)`` of ``⟨x @ W, dy⟩``: the forward and both gradients
+    (a sparse ``W``'s indices are not differentiated)."""
+    def loss(x, values, w, dy):
+        w = values if isinstance(w, jax.Array) else w.with_values(values)
+        return jnp.sum(product(x, w) * dy)
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    return lambda x, w, dy: grad(x, _values(w), w, dy)
+
+
+def bench_formats(shapes, sparsities, token_counts, repeats: int, warmup: int,
+                  rule: DensifyRule = SPARSE_ONLY) -> list[dict]:
+    """(e): dense ``x @ W`` against COO and BSR (b = 16, 32) at the same sparsity, forward and
+    forward + backward, each sparse form in the platform's sparse kernel (``rule``): rows
+    ``{shape, sparsity, tokens, pass, dense_s, coo_s, bsr16_s, bsr32_s, <form>_vs_dense,
+    <form>_auto}`` (``_auto``: what the default rule would run there)."""
+    rows = []
+    for shape in shapes:
+        for sparsity in sparsities:
+            ws = random_formats(shape, sparsity, seed=0)
+            for tokens in token_counts:
+                x = jax.random.normal(jax.random.key(1), (tokens, shape[0]))
+                dy = jax.random.normal(jax.random.key(2), (tokens, shape[1]))
+                for name, wrap, args in (("forward", lambda f: f, (x,)),
+                                         ("forward+backward", _with_backward, (x, dy))):
+                    fns = {k: functools.partial(jax.jit(wrap(_product(w, rule))), args[0], w,
+                                                *args[1:]) for k, w in ws.items()}
+                    t = interleaved_medians(fns, repeats, warmup)
+                    row = {"shape": list(shape), "sparsity": sparsity, "tokens": tokens,
+                           "pass": name, **{f"{k}_s": v for k, v in t.items()}}
+                    for k, w in ws.items():
+                        if k != "dense":
+                            row[f"{k}_vs_dense"] = t[k] / t["dense"]
+                            row[f"{k}_auto"] = resolve_impl(
+                                density=w.density, tokens=tokens,
+                                fmt="block" if k.startswith("bsr") else "coo")
+                    rows.append(row)
+                    print(f"{shape} {sparsity:.0%} {tokens} tok {name}: " + ", ".join(
+                        f"{k} {v * 1e3:.2f} ms" for k, v in t.items()), flush=True)
+    return rows
+
+
+MEMORY_NOTE = ("temp_bytes: compiled intermediates (XLA memory_analysis temp_size_in_bytes) of "
+               "the layer's forward + backward (jax.grad of <x @ W, dy> in x and W), arguments "
+               "and outputs excluded; dense_gradient_bytes = 4·n_in·n_out, the dense gradient "
+               "x^T dy the sparse backward never forms")
+
+
+def bench_backward_memory(shape, densities, token_counts,
+                          rule: DensifyRule = SPARSE_ONLY) -> list[dict]:
+    """(f): compiled temporaries of a layer's forward + backward for COO and BSR16 at each
+    density and token count, against the dense gradient's bytes (:data:`MEMORY_NOTE`)."""
+    rows, grad_bytes = [], 4 * shape[0] * shape[1]
+    for density in densities:
+        ws = random_formats(shape, 1 - density, seed=3)
+        for tokens in token_counts:
+            x = jnp.zeros((tokens, shape[0]))
+            dy = jnp.zeros((tokens, shape[1]))
+            row = {"shape": list(shape), "density": density, "tokens": tokens,
+                   "dense_gradient_bytes": grad_bytes}
+            for k in ("dense", "coo", "bsr16"):
+                temp = _memory(_with_backward(_product(ws[k], rule)), x, ws[k], dy)["temp_bytes"]
+                row[f"{k}_temp_bytes"] = temp
+                row[f"{k}_vs_dense_gradient"] = temp / grad_bytes
+            rows.append(row)
+    return rows
+
+
+def bench_block_model(root: Path, name: str, corpus: str, sparsity: float, token_counts,
+                      repeats: int, warmup: int, eval_batches_: int = 4) -> dict:
+    """(g): the pretrained ``name`` pruned by SparseGPT to ``sparsity`` unstructured and in
+    16 × 16 blocks (32 × 256 calibration tokens of ``corpus``'s train split), each stored compact
+    (COO / BSR16): held-out perplexity on ``eval_batches_`` × 8 × 256 validation tokens, and the
+    forward latency and bytes against the dense model (:func:`bench_models`)."""
+    loaded = load_model_source("", name)
+    config, params, tokenizer = loaded.config, loaded.params, loaded.tokenizer
+    data = prepare_corpus(corpus, tokenizer=tokenizer)
+    calibration = calibration_samples(data, 32, 256, seed=0)
+    windows = list(eval_batches(data.val, batch_size=8, seq_len=min(256, config.max_seq_len),
+                                max_batches=eval_batches_))
+    nll_sum = make_nll_sum(abstract_params(config)[0])
+    ppl = {"dense": perplexity(nll_sum, params, windows)}
+    models = {"dense": str(save_model(root / "dense", params, model_config=config,
+                                      tokenizer=tokenizer))}
+    for label, structure in (("coo", "unstructured"), ("bsr16", "block16")):
+        kept, masks = prune(config, params, calibration, method="sparsegpt", sparsity=sparsity,
+                            structure=structure, verbose=False)
+        ppl[label] = perplexity(nll_sum, kept, windows)
+        model = compact_from_masks(config, kept, masks, structure=structure)
+        models[label] = str(save_model(root / label, model.params, model_config=config,
+                                       tokenizer=tokenizer, layouts=model.layouts))
+        print(f"sparsegpt {structure} {sparsity:.0%}: perplexity {ppl[label]:.1f}", flush=True)
+    return {"model": name, "corpus": corpus, "method": "sparsegpt", "sparsity": sparsity,
+            "eval_tokens": sum(int(np.prod(w.shape)) for w in windows), "perplexity": ppl,
+            "forward": bench_models(models, token_counts, repeats, warmup)}
+
+
+def bench_device_crossover(shape, densities, token_counts, repeats: int,
+                           warmup: int) -> dict:
+    """(h, ``--device``): per format, the platform's sparse kernel against the densified product
+    at each density and token count, and the crossover density per token count
+    (:func:`crossover`) — the measurement behind :class:`kernels.DensifyRule`'s GPU/TPU tables."""
+    out = {}
+    for fmt, form in (("coo", "coo"), ("block", "bsr16")):
+        rows = []
+        for density in densities:
+            w = random_formats(shape, 1 - density, seed=6)[form]
+            for tokens in token_counts:
+                x = jax.random.normal(jax.random.key(1), (tokens, shape[0]))
+                fns = {k: functools.partial(jax.jit(_product(w, rule)), x, w)
+                       for k, rule in (("sparse", SPARSE_ONLY),
+                                       ("densify", DensifyRule.constant(0.0)))}
+                t = interleaved_medians(fns, repeats, warmup)
+                rows.append({"shape": list(shape), "density": density, "tokens": tokens,
+                             "sparse_s": t["sparse"], "densify_s": t["densify"]})
+        out[fmt] = {"rows": rows, "densify_above": {
+            str(t): crossover(rows, t, sparse_key="sparse_s") for t in token_counts}}
+    return out
 
 
 def standin_surrogate(params: dict, rank_ratio: float, density: float) -> dict:
@@ -372,8 +576,31 @@ def run(cfg: BenchSparseConfig) -> dict:
     shapes = SHAPES[1:2] if cfg.quick else SHAPES
     tokens = [64] if cfg.quick else [int(t) for t in cfg.tokens.split(",")]
     parts = csv_items(cfg.parts)
-    result = {"backend": jax.default_backend(), "impl": resolve_impl("auto"),
-              "repeats": repeats, "warmup": warmup, "quick": cfg.quick, "parts": parts}
+    if cfg.device:
+        if jax.default_backend() == "cpu":
+            raise ValueError("--device true needs a GPU or TPU; this machine's JAX backend is "
+                             "cpu (run the CPU parts without --device)")
+        parts = ["formats", "memory", "device_crossover"]
+    result = {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+              "impl": resolve_impl("auto"), "repeats": repeats, "warmup": warmup,
+              "quick": cfg.quick, "parts": parts}
+    if "formats" in parts:
+        result["formats"] = bench_formats(shapes, (0.9,) if cfg.quick else FORMAT_SPARSITIES,
+                                          FORMAT_TOKENS, repeats, warmup)
+    if "memory" in parts:
+        result["memory_note"] = MEMORY_NOTE
+        result["memory"] = bench_backward_memory(SHAPES[2], (0.01,) if cfg.quick else
+                                                 MEMORY_DENSITIES, (1, 64) if cfg.quick else
+                                                 MEMORY_TOKENS)
+    if "device_crossover" in parts:
+        result["device_crossover"] = bench_device_crossover(
+            SHAPES[2], (0.01, 0.1) if cfg.quick else DENSITIES, (1, 512) if cfg.quick else
+            SPMM_TOKENS, repeats, warmup)
+    if "blockmodel" in parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["blockmodel"] = bench_block_model(
+                Path(tmp), cfg.standins, cfg.corpus, cfg.block_sparsity, tokens, repeats, warmup,
+                eval_batches_=1 if cfg.quick else 4)
     if "spmm" in parts:
         token_counts = (1, 512) if cfg.quick else SPMM_TOKENS
         result["spmm"] = bench_spmm(shapes, (0.01, 0.1) if cfg.quick else DENSITIES,
@@ -395,7 +622,8 @@ def run(cfg: BenchSparseConfig) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             rows = bench_model_crossover(Path(tmp), base_model(cfg.standins),
                                          (0.1, 0.5) if cfg.quick else MODEL_DENSITIES,
-                                         token_counts, repeats, warmup)
+                                         token_counts, repeats, warmup, cfg.crossover_structure)
+        result["crossover_structure"] = cfg.crossover_structure
         result["model_crossover"] = rows
         result["densify_above"] = {str(t): crossover(rows, t)
                                    for t in sorted({r["tokens"] for r in rows})}

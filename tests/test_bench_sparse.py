@@ -68,3 +68,25 @@ def test_crossover_is_the_geometric_midpoint_of_the_switch_median_over_shapes():
     noisy = [_timed((4, 4), d, xla_s=0.05 if d == 0.64 else d, densify_s=0.1) for d in grid]
     assert bench_sparse.crossover(noisy, 8) == 0.64
     assert bench_sparse.crossover([_timed((4, 4), d, 1.0, 0.0) for d in grid], 8) == 0.01
+
+
+def test_formats_and_memory_parts_compare_coo_bsr_and_dense(tmp_path):
+    result = bench_sparse.main(["--quick", "true", "--parts", "formats,memory", "--out",
+                                str(tmp_path / "f.json")])
+    rows = result["formats"]
+    assert {(r["sparsity"], r["tokens"], r["pass"]) for r in rows} == {
+        (0.9, t, p) for t in (1, 512) for p in ("forward", "forward+backward")}
+    for row in rows:
+        for form in ("coo", "bsr16", "bsr32"):
+            assert row[f"{form}_vs_dense"] == pytest.approx(row[f"{form}_s"] / row["dense_s"])
+            assert row[f"{form}_auto"] in ("xla", "densify")
+    for row in result["memory"]:  # the sparse backward's temporaries: below the dense gradient
+        assert row["dense_gradient_bytes"] == 4 * 576 * 1536
+        assert row["coo_vs_dense_gradient"] < 1 and row["bsr16_vs_dense_gradient"] < 1
+
+
+def test_device_mode_is_refused_without_an_accelerator(tmp_path):
+    with pytest.raises(ValueError, match="needs a GPU or TPU"):
+        bench_sparse.main(["--device", "true", "--out", str(tmp_path / "g.json")])
+    with pytest.raises(SystemExit):
+        bench_sparse.main(["--crossover_structure", "2:4", "--out", str(tmp_path / "h.json")])

@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax import export
 
 import kernels
+from admm_jax.models.linears import BlockSparseLinear, SparseLinear
 from kernels import pallas_gpu, pallas_tpu
 
 TRITON, MOSAIC = "__gpu$xla.gpu.triton", "tpu_custom_call"
@@ -60,14 +62,11 @@ KERNELS = {
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("block", [16, 32])
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-@pytest.mark.parametrize("fmt", ["coo", "block"])
-def test_every_kernel_lowers(fmt, platform, block, dtype):
+@pytest.mark.parametrize("fmt, block", [("coo", None), ("block", 16), ("block", 32)])
+def test_every_kernel_lowers(fmt, block, platform, dtype):
     """SpMM, SpMMᵀ and SDDMM each lower to exactly one kernel of the platform's backend, at a
     SmolLM2 shape, a token count that is no tile multiple, f32 and bf16 inputs."""
-    if fmt == "coo" and block == 32:
-        pytest.skip("COO has no block size")  # one COO case per platform and dtype
     w = _coo(0.02) if fmt == "coo" else _bsr(0.1, block)
     x = jnp.zeros((300, SMOL_MLP[0]), dtype)
     dy = jnp.zeros((300, SMOL_MLP[1]), dtype)
@@ -76,6 +75,36 @@ def test_every_kernel_lowers(fmt, platform, block, dtype):
     assert _export(lambda x, w: spmm(x, w), platform, x, w) == [target]
     assert _export(lambda dy, w: spmm_t(dy, w), platform, dy, w) == [target]
     assert _export(lambda x, dy, w: sddmm(x, dy, w), platform, x, dy, w) == [target]
+
+
+def _layer_step(layer_def, params, indices, x):
+    """Loss and gradients (values and input) of one compact layer."""
+    def loss(params, x):
+        return jnp.sum(nnx.merge(layer_def, params, indices)(x) ** 2)
+
+    return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+
+
+@pytest.mark.parametrize("fmt", ["coo", "block"])
+def test_compact_layer_forward_and_backward_lower_per_platform(fmt):
+    """One trace of a SmolLM2-shaped compact layer's forward + backward (on the CPU), lowered
+    for each platform, carries that platform's path: no kernel on CPU (the XLA products), three
+    Triton kernels on cuda (SpMM, SpMMᵀ, SDDMM), three Mosaic kernels on tpu — where the
+    :class:`kernels.DensifyRule` keeps the sparse form; a rule that densifies leaves none."""
+    w = _coo(0.01) if fmt == "coo" else _bsr(0.1)
+    x = jnp.ones((512, SMOL_MLP[0]), jnp.bfloat16)
+    for rule, expect in ((kernels.DensifyRule.constant(1.0), 3),
+                         (kernels.DensifyRule.constant(0.0), 0)):
+        linear = SparseLinear if fmt == "coo" else BlockSparseLinear
+        layer = linear(w, compute_dtype="bfloat16", rule=rule)
+        layer_def, params, indices = nnx.split(layer, nnx.Param, ...)
+        traced = jax.jit(_layer_step, static_argnums=0).trace(layer_def, params, indices, x)
+        assert custom_calls(traced.lower(lowering_platforms=("cpu",)).as_text()) == []
+        for platform, target in KERNEL_TARGETS.items():
+            lowered = traced.lower(lowering_platforms=(platform,)).as_text()
+            assert custom_calls(lowered).count(target) == expect, (platform, rule)
+    value, _ = jax.jit(_layer_step, static_argnums=0)(layer_def, params, indices, x[:4])
+    assert np.isfinite(float(value))  # and the same function runs here, on the CPU
 
 
 def test_default_rule_picks_the_kernel_per_platform():
