@@ -143,6 +143,10 @@ class BenchSparseConfig:
     crossovers (h) behind kernels.DensifyRule (refused on a CPU-only machine)."""
     crossover_structure: str = "unstructured"
     """Structure of (d)'s pruned models: unstructured (COO layers) or block16 / block32 (BSR)."""
+    crossover_densities: str = ",".join(map(str, MODEL_DENSITIES))
+    """Densities of (d)'s pruned models."""
+    crossover_tokens: str = ",".join(map(str, SPMM_TOKENS))
+    """Sequence lengths of (d)."""
     corpus: str = "shakespeare"
     """Corpus of (g): calibration from its train split, perplexity on its validation split."""
     block_sparsity: float = 0.9
@@ -161,6 +165,10 @@ class BenchSparseConfig:
         for sparsity in _floats(self.sparsities):
             check_real("sparsities", sparsity, low=0.0, high=1.0, high_open=True)
         check_real("block_sparsity", self.block_sparsity, low=0.0, high=1.0, high_open=True)
+        for density in _floats(self.crossover_densities):
+            check_real("crossover_densities", density, low=0.0, high=1.0, low_open=True)
+        for tokens in csv_items(self.crossover_tokens):
+            check_int("crossover_tokens", int(tokens), minimum=1)
         if self.crossover_structure != "unstructured" and not isinstance(
                 parse_structure(self.crossover_structure), Block):
             raise ValueError(f"crossover_structure must be 'unstructured' or 'blockB' (e.g. "
@@ -618,10 +626,11 @@ def run(cfg: BenchSparseConfig) -> dict:
                 _floats(cfg.budgets), cfg.rank_ratio, cfg.density)
             result["models"] = bench_models(models, tokens, repeats, warmup)
     if "crossover" in parts:
-        token_counts = (1, 512) if cfg.quick else SPMM_TOKENS
+        token_counts = (1, 512) if cfg.quick else [int(t) for t in
+                                                   csv_items(cfg.crossover_tokens)]
+        densities = (0.1, 0.5) if cfg.quick else _floats(cfg.crossover_densities)
         with tempfile.TemporaryDirectory() as tmp:
-            rows = bench_model_crossover(Path(tmp), base_model(cfg.standins),
-                                         (0.1, 0.5) if cfg.quick else MODEL_DENSITIES,
+            rows = bench_model_crossover(Path(tmp), base_model(cfg.standins), densities,
                                          token_counts, repeats, warmup, cfg.crossover_structure)
         result["crossover_structure"] = cfg.crossover_structure
         result["model_crossover"] = rows

@@ -338,3 +338,23 @@ def test_block_sparse_forward_and_gradients_match_dense(impl, case):
                                rtol=tol, atol=tol)
     np.testing.assert_allclose(dv, dv_ref, rtol=tol, atol=10 * tol)
     assert np.all(np.asarray(y)[..., :c["b"]] == 0)  # the empty tile column
+
+
+def _readme_block(marker: str) -> str:
+    """The README's Python code block that contains ``marker``."""
+    from pathlib import Path
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    (block,) = [b for b in blocks if marker in b]
+    return block
+
+
+def test_readme_block_sparse_snippet_runs_as_written():
+    scope = {}
+    exec(_readme_block("kernels.block_from_dense"), scope)
+    w_bsr, x = scope["w_bsr"], scope["x"]
+    dense = w_bsr.to_dense()
+    assert w_bsr.block_size == 16 and 0 < w_bsr.density < 0.2
+    np.testing.assert_allclose(scope["y"], x @ dense, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(scope["y_sparse"], scope["y"], rtol=1e-5, atol=1e-4)
+    assert scope["grad"].shape == w_bsr.values.shape
