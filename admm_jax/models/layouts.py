@@ -133,21 +133,30 @@ def _build_low_rank(layout: LowRankLayout, spec: LinearSpec, config: LlamaConfig
                          compute_dtype=config.compute_dtype)
 
 
+def _support(rngs: nnx.Rngs, grid: tuple[int, int], n: int, rows: Any, cols: Any,
+             what: str, names: tuple[str, str]) -> tuple[Array, Array]:
+    """``n`` positions ``(rows, cols)`` on a ``grid``: the given ones (concrete even under
+    ``eval_shape``, so they are validated; each of length ``n``), or with neither given a
+    uniform random support — the top-``n`` of i.i.d. uniform scores."""
+    if (rows is None) != (cols is None):
+        raise ValueError(f"{what} needs both {names[0]} and {names[1]}, or neither")
+    if rows is None:
+        flat = jax.lax.top_k(jax.random.uniform(rngs.params(), (grid[0] * grid[1],)), n)[1]
+        return flat // grid[1], flat % grid[1]
+    with jax.ensure_compile_time_eval():
+        rows, cols = jnp.asarray(rows), jnp.asarray(cols)
+    if rows.shape != (n,) or cols.shape != (n,):
+        raise ValueError(f"{what} {names[0]} and {names[1]} must have shape ({n},), got "
+                         f"{rows.shape} and {cols.shape}")
+    return rows, cols
+
+
 def _build_sparse(layout: SparseLayout, spec: LinearSpec, config: LlamaConfig,
                   rngs: nnx.Rngs) -> SparseLinear:
     d_in, d_out = spec.in_features, spec.out_features
     nnz = check_int("nnz", layout.nnz, minimum=0, maximum=d_in * d_out)
-    if (layout.rows is None) != (layout.cols is None):
-        raise ValueError("SparseLayout needs both rows and cols, or neither")
-    if layout.rows is None:  # a uniform random support: the top-nnz of i.i.d. uniform scores
-        flat = jax.lax.top_k(jax.random.uniform(rngs.params(), (d_in * d_out,)), nnz)[1]
-        rows, cols = flat // d_out, flat % d_out
-    else:
-        with jax.ensure_compile_time_eval():  # concrete even under eval_shape: validated
-            rows, cols = jnp.asarray(layout.rows), jnp.asarray(layout.cols)
-        if rows.shape != (nnz,) or cols.shape != (nnz,):
-            raise ValueError(f"SparseLayout rows and cols must have shape ({nnz},), got "
-                             f"{rows.shape} and {cols.shape}")
+    rows, cols = _support(rngs, (d_in, d_out), nnz, layout.rows, layout.cols, "SparseLayout",
+                          ("rows", "cols"))
     matrix = kernels.sparse_matrix(_normal(rngs, (nnz,), config.init_std), rows, cols,
                                    (d_in, d_out))
     return SparseLinear(matrix, compute_dtype=config.compute_dtype)
@@ -157,19 +166,10 @@ def _build_block(layout: BlockSparseLayout, spec: LinearSpec, config: LlamaConfi
                  rngs: nnx.Rngs) -> BlockSparseLinear:
     d_in, d_out = spec.in_features, spec.out_features
     b = check_int("block_size", layout.block_size, minimum=1)
-    g0, g1 = kernels.block.block_grid((d_in, d_out), b)
-    n = check_int("n_blocks", layout.n_blocks, minimum=0, maximum=g0 * g1)
-    if (layout.block_rows is None) != (layout.block_cols is None):
-        raise ValueError("BlockSparseLayout needs both block_rows and block_cols, or neither")
-    if layout.block_rows is None:  # uniform random tiles: the top-n of i.i.d. uniform scores
-        flat = jax.lax.top_k(jax.random.uniform(rngs.params(), (g0 * g1,)), n)[1]
-        rows, cols = flat // g1, flat % g1
-    else:
-        with jax.ensure_compile_time_eval():  # concrete even under eval_shape: validated
-            rows, cols = jnp.asarray(layout.block_rows), jnp.asarray(layout.block_cols)
-        if rows.shape != (n,) or cols.shape != (n,):
-            raise ValueError(f"BlockSparseLayout block_rows and block_cols must have shape "
-                             f"({n},), got {rows.shape} and {cols.shape}")
+    grid = kernels.block.block_grid((d_in, d_out), b)
+    n = check_int("n_blocks", layout.n_blocks, minimum=0, maximum=grid[0] * grid[1])
+    rows, cols = _support(rngs, grid, n, layout.block_rows, layout.block_cols,
+                          "BlockSparseLayout", ("block_rows", "block_cols"))
     matrix = kernels.block_sparse_matrix(_normal(rngs, (n, b, b), config.init_std), rows, cols,
                                          (d_in, d_out))
     return BlockSparseLinear(matrix, compute_dtype=config.compute_dtype)
