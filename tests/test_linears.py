@@ -330,3 +330,26 @@ def test_the_densify_rule_is_static_and_picks_the_form(cls, convert):
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(outputs[1], x @ w, rtol=1e-5, atol=1e-5)
     assert programs[0] != programs[1]
+
+
+def test_sum_of_coo_and_block_parts_equals_their_dense_sum():
+    """Mixed formats in one sum layer: ``SumLinear([COO, BSR])`` is ``x (A + B)``, and both
+    parts' values receive the gradient of the dense sum restricted to their supports."""
+    rng = np.random.default_rng(11)
+    a = np.where(rng.random((40, 72)) < 0.1, rng.standard_normal((40, 72)), 0).astype(np.float32)
+    tiles = np.kron(rng.random((3, 5)) < 0.4, np.ones((16, 16), bool))[:40, :72]
+    b = np.where(tiles, rng.standard_normal((40, 72)), 0).astype(np.float32)
+    layer = SumLinear([sparse_from_dense(a), block_sparse_from_dense(b)])
+    x = jnp.asarray(rng.standard_normal((6, 40)), jnp.float32)
+    np.testing.assert_allclose(layer(x), x @ (a + b), rtol=1e-5, atol=1e-5)
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+    grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x) ** 2))(params)
+    dense_grad = np.asarray(x.T @ (2 * (x @ (a + b))))
+    coo, bsr = layer.parts[0].matrix, layer.parts[1].matrix
+    np.testing.assert_allclose(grads["parts"][0]["values"][...],
+                               dense_grad[np.asarray(coo.rows), np.asarray(coo.cols)],
+                               rtol=1e-4, atol=1e-4)
+    padded = np.pad(dense_grad, ((0, 8), (0, 8)))
+    want = np.stack([padded[16 * r:16 * r + 16, 16 * c:16 * c + 16]
+                     for r, c in zip(np.asarray(bsr.block_rows), np.asarray(bsr.block_cols))])
+    np.testing.assert_allclose(grads["parts"][1]["values"][...], want, rtol=1e-4, atol=1e-4)
