@@ -90,3 +90,15 @@ def test_device_mode_is_refused_without_an_accelerator(tmp_path):
         bench_sparse.main(["--device", "true", "--out", str(tmp_path / "g.json")])
     with pytest.raises(SystemExit):
         bench_sparse.main(["--crossover_structure", "2:4", "--out", str(tmp_path / "h.json")])
+
+
+def test_device_crossover_times_each_format_against_its_densified_product():
+    """The ``--device`` crossover part, run here on the CPU's sparse kernels at toy sizes."""
+    out = bench_sparse.bench_device_crossover((64, 96), (0.1, 0.5), (1, 8), repeats=1, warmup=0)
+    assert set(out) == {"coo", "block"}
+    for part in out.values():
+        assert {(r["density"], r["tokens"]) for r in part["rows"]} == {
+            (d, t) for d in (0.1, 0.5) for t in (1, 8)}
+        assert all(r["sparse_s"] > 0 and r["densify_s"] > 0 for r in part["rows"])
+        assert set(part["densify_above"]) == {"1", "8"}
+        assert all(0.1 <= d <= 0.5 for d in part["densify_above"].values())
