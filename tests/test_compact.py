@@ -445,3 +445,44 @@ def test_block_layouts_json_round_trip_and_malformed_entries_are_named():
     with pytest.raises(ValueError, match=r"up_proj: n_blocks must be an integer in \[0, 44\]"):
         structured_factory(layouts_from_json({up: {"type": "block", "n_blocks": 45,
                                                    "block_size": 16}}), CONFIG)
+
+
+def _block_surrogate(params, b=16):
+    """Rank-3 low-rank parts plus ~30 % of the b × b tiles of every linear kernel and the
+    embedding as block-structured surrogate parts; one block without a sparse part and one
+    without a low-rank part."""
+    rng, flat, out = np.random.default_rng(3), _flat(params), {}
+    for path in ("embed/embedding", *masks_from_nonzeros(CONFIG, params)):
+        m, n = flat[path].shape
+        low = 0.1 * rng.standard_normal((m, 3)) @ rng.standard_normal((3, n))
+        tiles = rng.random((-(-m // b), -(-n // b))) < 0.3
+        sparse = np.kron(tiles, np.ones((b, b)))[:m, :n] * rng.standard_normal((m, n))
+        if path.endswith("0/attn/k_proj/kernel"):
+            sparse = np.zeros_like(sparse)
+        if path.endswith("1/mlp/up_proj/kernel"):
+            low = np.zeros_like(low)
+        out[path] = block_surrogate(low, sparse, sparse_structure=f"block{b}")
+    return out
+
+
+def test_salaad_block_compact_equals_dense_deployment_and_round_trips(base, tmp_path):
+    _, tokenizer, params, _ = base
+    surrogate = _block_surrogate(params)
+    allocation = allocate(surrogate, 0.3, 0.5, params=params, relative_to="constrained")
+    model = compact_from_surrogate(CONFIG, params, surrogate, allocation)
+    assert {type(lay) for lay in model.layouts.values()} == {SumLayout, LowRankLayout,
+                                                              BlockSparseLayout}
+    key = "layers/0/attn/q_proj/kernel"
+    assert 0 < allocation.n_sparse[key] < surrogate[key].nnz
+    assert model.layouts["layers/0/attn/q_proj"] == SumLayout((
+        LowRankLayout(allocation.ranks[key]), BlockSparseLayout(allocation.n_sparse[key], 16)))
+    assert model.layouts["layers/1/mlp/up_proj"] == BlockSparseLayout(  # 64 × 172: partial tiles
+        allocation.n_sparse["layers/1/mlp/up_proj/kernel"], 16)
+    dense = hpa_deploy(params, surrogate, allocation)
+    np.testing.assert_allclose(dense_params(CONFIG, model.layouts, model.params)["layers"][1]
+                               ["mlp"]["up_proj"]["kernel"],
+                               dense["layers"][1]["mlp"]["up_proj"]["kernel"], atol=1e-6)
+    dense_logits = _logits(dense)
+    np.testing.assert_allclose(_logits(model.params, model.layouts), dense_logits, atol=5e-5)
+    loaded = _round_trip(tmp_path, "salaad_block", model, tokenizer)
+    np.testing.assert_allclose(_logits(loaded.params, loaded.layouts), dense_logits, atol=5e-5)

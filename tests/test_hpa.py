@@ -20,9 +20,11 @@ from admm_jax.salaad.hpa import (
     minimum_budget,
     param_count,
 )
+from admm_jax.salaad.sensitivity import unit_sensitivity
 from admm_jax.salaad.surrogate import (
     SURROGATE_DIR,
     block_surrogate,
+    block_surrogate_from_factors,
     load_surrogate,
     path_str,
     reconstruct,
@@ -325,3 +327,162 @@ def test_bad_inputs(model, checkpoint, tmp_path):
     assert not (plain / SURROGATE_DIR).exists()
     with pytest.raises(ValueError, match="same shape"):
         block_surrogate(np.zeros((3, 4)), np.zeros((4, 3)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Block-structured sparse parts (b × b tiles)
+# --------------------------------------------------------------------------------------------------
+
+B = 16
+
+
+def planted_tiles(rng, m, n, rank, n_tiles, b=B):
+    """Planted L + S with S a union of ``n_tiles`` random whole b × b tiles (kernel zero-padded
+    to multiples of b; edge tiles partial), each tile scaled apart so their norms are distinct."""
+    low = (rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n)) * 0.02)
+    rows, cols = -(-m // b), -(-n // b)
+    padded = np.zeros((rows * b, cols * b))
+    for k, t in enumerate(rng.choice(rows * cols, n_tiles, replace=False)):
+        r, c = divmod(int(t), cols)
+        padded[r * b:(r + 1) * b, c * b:(c + 1) * b] = (
+            rng.standard_normal((b, b)) * 0.05 * (1 + k))
+    return low.astype(np.float32), padded[:m, :n].astype(np.float32)
+
+
+def tile_norm_order(sparse, b=B):
+    """Reference: (tile index, tile) of the nonzero tiles, Frobenius norm descending."""
+    m, n = sparse.shape
+    rows, cols = -(-m // b), -(-n // b)
+    padded = np.zeros((rows * b, cols * b), np.float32)
+    padded[:m, :n] = sparse
+    tiles = padded.reshape(rows, b, cols, b).transpose(0, 2, 1, 3).reshape(-1, b, b)
+    norms = np.linalg.norm(tiles.reshape(len(tiles), -1), axis=1)
+    order = [int(t) for t in np.argsort(-norms, kind="stable") if norms[t] > 0]
+    return order, tiles
+
+
+def test_block_surrogate_stores_whole_tiles_by_norm_and_truncates():
+    rng = np.random.default_rng(7)
+    low, sparse = planted_tiles(rng, 40, 37, 4, 5)  # 3 × 3 grid, partial right/bottom tiles
+    b = block_surrogate(low, sparse, sparse_structure="block16")
+    order, tiles = tile_norm_order(sparse)
+    assert (b.sparse_block, b.nnz, b.values.shape) == (B, 5, (5, B, B))
+    assert b.indices.tolist() == order and b.indices.dtype == np.int32
+    np.testing.assert_array_equal(b.values, tiles[order])
+    np.testing.assert_allclose(reconstruct(b), low + sparse, atol=1e-6)
+    u, s, vt = np.linalg.svd(low.astype(np.float64))
+    top = np.zeros((48, 48), np.float32)
+    for t in order[:2]:  # the two largest tiles, whole
+        r, c = divmod(t, 3)
+        top[r * B:(r + 1) * B, c * B:(c + 1) * B] = tiles[t]
+    np.testing.assert_allclose(reconstruct(b, 3, 2), (u[:, :3] * s[:3]) @ vt[:3] + top[:40, :37],
+                               atol=1e-6)
+    assert block_surrogate(low, sparse).sparse_block == 1  # default: entries, as before
+    # canonicalisation: padding beyond the shape is dropped, all-zero tiles removed
+    junk = np.ones((2, B, B), np.float32)
+    junk[1, :, :] = 0.0
+    junk[1, 8:, :] = 1.0  # tile 8 (rows 32:48 of a 40-row block): only padding rows set
+    c = block_surrogate_from_factors(b.u, b.s, b.v, junk, [0, 8], (40, 37), sparse_block=B)
+    assert c.indices.tolist() == [0] and c.nnz == 1
+    with pytest.raises(ValueError, match="indices must lie in"):
+        block_surrogate_from_factors(b.u, b.s, b.v, junk, [0, 9], (40, 37), sparse_block=B)
+    with pytest.raises(ValueError, match="sparse_structure"):
+        block_surrogate(low, sparse, sparse_structure="2:4")
+
+
+@pytest.fixture(scope="module")
+def tiled(model):
+    """The nano params' constrained blocks as planted L + whole-tile S (b = 16), and their
+    block-structured surrogate."""
+    _, params, _ = model
+    rng = np.random.default_rng(8)
+    parts = {}
+
+    def make(path, x):
+        if not is_block(path, x):
+            return x
+        m, n = x.shape
+        grid = -(-m // B) * -(-n // B)
+        parts[path_str(path)] = planted_tiles(rng, m, n, 3, int(rng.integers(2, grid // 3 + 2)))
+        return jnp.asarray(sum(parts[path_str(path)]))
+
+    params = jax.tree_util.tree_map_with_path(make, params)
+    lows, sparses = ({p: parts[p][i] for p in parts} for i in (0, 1))
+    surrogate = {p: block_surrogate(lows[p], sparses[p], sparse_structure=f"block{B}")
+                 for p in parts}
+    return params, surrogate
+
+
+def test_block_surrogate_round_trip(tiled, checkpoint, tmp_path):
+    params, surrogate = tiled
+    directory = save_model(tmp_path / "ckpt", params, model_config=NANO,
+                           tokenizer=checkpoint[2])
+    save_surrogate(directory, surrogate)
+    restored = load_surrogate(directory)
+    assert list(restored) == list(surrogate)
+    for p, b in surrogate.items():
+        r = restored[p]
+        assert r.sparse_block == B and r.shape == b.shape
+        for f in ("u", "s", "v", "values", "indices"):
+            assert np.array_equal(getattr(r, f), getattr(b, f)) and \
+                getattr(r, f).dtype == getattr(b, f).dtype
+        np.testing.assert_array_equal(reconstruct(r, 1, 1), reconstruct(b, 1, 1))
+
+
+def test_hpa_keeps_a_shared_fraction_of_tiles_at_tile_cost(tiled):
+    """Every block keeps ⌊ϕS·k_b⌋ or ⌊ϕS·k_b⌋ + 1 of its largest tiles, a tile costs b² + 1,
+    and the exact count lands within one tile's cost below the target."""
+    params, surrogate = tiled
+    cost = B * B + 1
+    assert block_cost((64, 64), 2, 3, B) == 2 * 129 + 3 * cost
+    assert block_cost((64, 64), 2, 3) == 2 * 129 + 6  # entries: unchanged
+    dense, full = count_params(params), param_count(params, surrogate)
+    assert full == dense - sum(m * n for m, n in (b.shape for b in surrogate.values())) + sum(
+        b.rank * (b.shape[0] + b.shape[1] + 1) + cost * b.nnz for b in surrogate.values())
+    lo = minimum_budget(params, surrogate)
+    for budget in np.linspace(lo + 0.01, full / dense - 0.001, 6):
+        for exact in (True, False):
+            a = allocate(surrogate, float(budget), 0.5, params=params, exact=exact)
+            assert a.params == param_count(params, surrogate, a.ranks, a.n_sparse) <= a.budget
+            if exact:
+                assert a.budget - a.params < cost or a.n_sparse == {
+                    p: b.nnz for p, b in surrogate.items()}
+            for p, b in surrogate.items():
+                floor = math.floor(a.phi_sparse * b.nnz + 1e-9)
+                assert a.n_sparse[p] in ((floor, floor + 1) if exact else (floor,))
+            deployed = deploy(params, surrogate, a)
+            flat = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(deployed)[0]}
+            p = "layers/0/mlp/up_proj/kernel"
+            b = surrogate[p]
+            order, tiles = tile_norm_order(reconstruct(b, 0))
+            kept = np.zeros_like(tiles)
+            kept[order[:a.n_sparse[p]]] = tiles[order[:a.n_sparse[p]]]
+            rows, cols = -(-b.shape[0] // B), -(-b.shape[1] // B)
+            top = kept.reshape(rows, cols, B, B).transpose(0, 2, 1, 3).reshape(
+                rows * B, cols * B)[:b.shape[0], :b.shape[1]]
+            np.testing.assert_allclose(np.asarray(flat[p]),
+                                       reconstruct(b, a.ranks[p], 0) + top, atol=1e-6)
+    a = allocate(surrogate, 1.0, params=params)
+    assert a.n_sparse == {p: b.nnz for p, b in surrogate.items()} and a.params == full
+
+
+def test_hpa_refuses_mixed_sparse_units_and_sensitivity_prices_tiles(model, tiled):
+    params, surrogate = tiled
+    mixed = dict(surrogate)
+    mixed["embed/embedding"] = block_surrogate(*planted(np.random.default_rng(9),
+                                                        *surrogate["embed/embedding"].shape,
+                                                        2, 0.05))
+    with pytest.raises(ValueError, match="one sparse unit"):
+        allocate(mixed, 0.5, params=params)
+    fisher = {p: np.ones(b.shape, np.float32) for p, b in surrogate.items()}
+    sens = unit_sensitivity(surrogate, fisher)
+    for p, b in surrogate.items():  # a tile scores ½ Σ F·v² over its entries
+        np.testing.assert_allclose(sens[p].sparse,
+                                   0.5 * np.sum(b.values.astype(np.float64) ** 2, axis=(1, 2)),
+                                   rtol=1e-5)
+    budget = (minimum_budget(params, surrogate) + param_count(params, surrogate)
+              / count_params(params)) / 2
+    a = allocate(surrogate, budget, params=params, strategy="sensitivity", sensitivity=sens)
+    assert 0 < sum(a.n_sparse.values()) < sum(b.nnz for b in surrogate.values())
+    assert a.params == param_count(params, surrogate, a.ranks, a.n_sparse) <= a.budget
+    assert a.budget - a.params < NANO.vocab_size + NANO.dim + 1  # < the costliest unit

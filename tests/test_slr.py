@@ -12,8 +12,15 @@ import pytest
 from admm_jax.core import ProxContext, admm_metrics, block_states
 from admm_jax.models.llama import LlamaConfig, init_params
 from admm_jax.ops import prox
+from admm_jax.ops.structures import Block, block_tiles
 from admm_jax.salaad.controller import ControllerConfig, Rates, controller_step
-from admm_jax.salaad.split import slr_admm, slr_components, slr_split
+from admm_jax.salaad.split import (
+    slr_admm,
+    slr_components,
+    slr_split,
+    tile_density,
+    tile_soft_threshold,
+)
 
 
 def _step(alpha, beta, rho, rates, previous=(0.0, 0.0), step=0, cfg=None):
@@ -222,3 +229,101 @@ def test_bad_split_arguments():
     with pytest.raises(ValueError, match="rho"):
         slr_admm(rho=-1.0)
     assert dataclasses.is_dataclass(ControllerConfig())
+
+
+def _tile_prox_reference(y, tau, b):
+    """Loop-over-tiles NumPy group soft-threshold on the kernel zero-padded to multiples of b."""
+    m, n = y.shape
+    out = np.zeros_like(y)
+    for i in range(0, m, b):
+        for j in range(0, n, b):
+            tile = y[i:i + b, j:j + b]
+            norm = np.sqrt(np.sum(tile.astype(np.float64) ** 2))
+            scale = max(0.0, 1.0 - b * tau / norm) if norm > 0 else 0.0
+            out[i:i + b, j:j + b] = scale * tile
+    return out
+
+
+def test_tile_soft_threshold_matches_reference_and_zeroes_whole_tiles():
+    """S_t = max(0, 1 − b·τ/‖Y_t‖_F)·Y_t on a 37 × 20 kernel (partial edge tiles with b = 8):
+    tiles of small norm vanish whole, the others shrink by one common factor."""
+    rng = np.random.default_rng(4)
+    y = rng.normal(size=(37, 20)).astype(np.float32)
+    y[8:16, 0:8] *= 5.0  # one loud tile survives a threshold the others do not
+    y[32:37, 16:20] = 0.0  # an all-zero partial tile stays zero (no division by zero)
+    tau = 0.9
+    out = np.asarray(tile_soft_threshold(jnp.asarray(y), jnp.asarray(tau), 8))
+    np.testing.assert_allclose(out, _tile_prox_reference(y, tau, 8), rtol=1e-5, atol=1e-6)
+    tiles = np.asarray(block_tiles(out != 0, 8))  # raises if some tile is partly zeroed
+    assert tiles[1, 0] and 0 < tiles.sum() < tiles.size and not tiles[4, 2]
+    assert float(tile_density(jnp.asarray(out), 8)) == pytest.approx(tiles.mean())
+    # τ = 0 is the identity; one tile at exactly its threshold vanishes
+    np.testing.assert_array_equal(np.asarray(tile_soft_threshold(jnp.asarray(y), 0.0, 8)), y)
+    flat = np.full((8, 8), 0.5, np.float32)  # ‖Y_t‖_F = 8·0.5 = b·τ at τ = 0.5
+    assert not np.asarray(tile_soft_threshold(jnp.asarray(flat), 0.5, 8)).any()
+    assert np.asarray(tile_soft_threshold(jnp.asarray(flat), 0.49, 8)).all()
+
+
+def test_block_prox_pass_uses_the_tile_threshold_and_tile_density():
+    rng = np.random.default_rng(5)
+    v = rng.normal(size=(40, 24))
+    v[16:32, 0:16] *= 4.0  # the one tile above the threshold 16·1.2
+    v = jnp.asarray(v, jnp.float32)
+    split = slr_split(sparse_structure=Block(16))
+    _, state = split.init(v * 0.5)
+    state = state._replace(alpha=jnp.asarray(2e-3), beta=jnp.asarray(1.2e-3))
+    ctx = ProxContext(rho=jnp.asarray(1e-3), step=jnp.asarray(2, jnp.int32))
+    _, (new,) = split.prox([v], [state], [ctx])
+    sparse = tile_soft_threshold(v - state.low_rank, 1.2, 16)
+    np.testing.assert_allclose(new.sparse, sparse, atol=1e-5)
+    np.testing.assert_allclose(new.low_rank, prox.svt(v - sparse, 2.0)[0], atol=1e-4)
+    tiles = np.asarray(block_tiles(np.asarray(new.sparse) != 0, 16))
+    assert tiles.sum() == 1 and tiles[1, 0]  # a 3 × 2 grid, all but the loud tile pruned
+    assert float(new.density) == pytest.approx(tiles.mean())
+    assert float(new.density) != pytest.approx(float(jnp.mean(new.sparse != 0)))
+
+
+def test_block_salaad_steps_give_whole_tile_sparse_part():
+    """SALAAD steps with ``sparse_structure="block16"`` on a 48 × 40 problem (3 × 3 tiles, the
+    last column partial) with one planted 16 × 16 sparse tile: after every stage 2, S is a union
+    of whole tiles and the controller's density is their fraction (a multiple of 1/9); the
+    controller settles S on the planted tile."""
+    rng = np.random.default_rng(6)
+    m, n = 48, 40
+    low = rng.normal(size=(m, 2)) @ rng.normal(size=(2, n)) / np.sqrt(2)
+    planted = np.zeros((m, n))
+    planted[16:32, 0:16] = rng.normal(scale=3.0, size=(16, 16))
+    target = jnp.asarray(low + planted + 0.1 * rng.normal(size=(m, n)), jnp.float32)
+    cfg = ControllerConfig(target_rank_ratio=0.1, target_density=0.2, alpha_step=1.0,
+                           beta_step=2.0)
+    tx = optax.chain(slr_admm(rho=1.0, interval=2, mask={"w": True}, controller=cfg,
+                              sparse_structure="block16"), optax.sgd(0.3))
+    params = {"w": jnp.zeros((m, n), jnp.float32)}
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(lambda p: 0.5 * jnp.sum((p["w"] - target) ** 2))(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    counts = []
+    for _ in range(30):
+        for _ in range(2):  # one stage 2 per interval
+            params, state = step(params, state)
+        (block,) = block_states(state).values()
+        ((_, S),) = slr_components(state).values()
+        tiles = np.asarray(block_tiles(np.asarray(S) != 0, 16))  # raises on a split tile
+        assert tiles.shape == (3, 3)
+        assert float(block.split.density) == pytest.approx(tiles.sum() / 9)
+        counts.append(int(tiles.sum()))
+    assert tiles[1, 0] and counts[-4:] == [1] * 4  # settled on exactly the planted tile
+    assert max(counts) > 1  # the tile count did move with β (all 9 while β sat at 0)
+
+
+@pytest.mark.parametrize("bad", ["2:4", "channel", "block0", "tiles", 16, Block(-2)])
+def test_bad_sparse_structure(bad):
+    with pytest.raises(ValueError, match="sparse_structure"):
+        slr_split(sparse_structure=bad)
+    with pytest.raises(ValueError, match="sparse_structure"):
+        slr_admm(sparse_structure=bad)

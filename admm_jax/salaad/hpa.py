@@ -11,13 +11,17 @@ Parameter-count convention (all counts are exact Python ints)
 * A rank-``r`` low-rank part of an ``m × n`` block costs ``r·(m + n + 1)`` (``u``, ``v`` and ``s``).
 * A sparse part with ``k`` entries costs ``2·k`` (values + indices; an index counts as one
   parameter whatever its integer width).
+* A block-structured sparse part (``sparse_block = b > 1``: ``k`` whole ``b × b`` tiles,
+  :mod:`admm_jax.salaad.surrogate`) costs ``(b² + 1)·k``: a tile's ``b²`` values (a partial edge
+  tile stores its padding too) plus its one tile index. ``b = 1`` is the entry cost ``2·k``, so
+  below a sparse *unit* is an entry or a tile and ``c = b² + 1`` its cost.
 * Every params leaf that is not a constrained block (not a key of the surrogate: norms, the LM
   head, unconstrained matrices) counts dense, its ``size``.
 * The dense parameter count is ``D = count_params(params)``; ``O = D − Σ_b m_b·n_b`` is the
   count outside the constrained blocks.
 
 A deployment keeping ranks ``r'_b`` and sparse counts ``k'_b`` therefore counts
-``O + Σ_b [r'_b·(m_b + n_b + 1) + 2·k'_b]`` (:func:`param_count`; :func:`block_cost` is the one
+``O + Σ_b [r'_b·(m_b + n_b + 1) + c_b·k'_b]`` (:func:`param_count`; :func:`block_cost` is the one
 place that prices a block).
 
 Budget (:func:`allocate`)
@@ -43,8 +47,11 @@ left out). κ and ``exact`` play no part: the split between L and S falls out of
 ``phi_low_rank`` / ``phi_sparse`` then report the aggregate kept fractions ``Σ r'_b / Σ r_b`` and
 ``Σ k'_b / Σ k_b`` (1 for an empty part).
 
-``"homomorphic"`` (default) is SALAAD's HPA. With ``P_L = Σ_b r_b(m_b+n_b+1)`` and
-``P_S = Σ_b 2k_b`` the costs of the full surrogate:
+``"homomorphic"`` (default) is SALAAD's HPA. It needs one sparse unit cost ``c`` over the blocks
+with sparse units (all entries, ``c = 2``, or all ``b × b`` tiles of one ``b``, ``c = b² + 1``;
+``ValueError`` otherwise); every count of sparse entries below is then one of units (tiles kept
+whole, largest Frobenius norm first, the same fraction ϕS of every block's tiles). With
+``P_L = Σ_b r_b(m_b+n_b+1)`` and ``P_S = Σ_b c·k_b`` the costs of the full surrogate:
 
 1. If ``B_c ≥ P_L + P_S`` everything is kept (ϕL = ϕS = 1) and the reported count is the actual,
    smaller one ``O + P_L + P_S``.
@@ -53,11 +60,12 @@ left out). κ and ``exact`` play no part: the split between L and S falls out of
 3. ϕL is the largest ratio ``φ ∈ {0} ∪ {j / r_b}`` whose ranks ``floor(φ·r_b)`` cost at most
    ``B_L``; every block keeps ``floor(ϕL·r_b)`` triplets (so ``0 ≤ ϕL − r'_b/r_b < 1/r_b``).
 4. ``exact=True`` (default): the rest, ``B_c`` minus the exact low-rank cost, buys
-   ``K = min(Σk_b, floor(rest / 2))`` sparse entries, distributed as ``floor(ϕS·k_b)`` with
+   ``K = min(Σk_b, floor(rest / c))`` sparse entries, distributed as ``floor(ϕS·k_b)`` with
    ``ϕS = K / Σk_b`` plus one more for the blocks with the largest remainders ``ϕS·k_b −
    floor(ϕS·k_b)`` (ties by block order = the params' flatten order), so every block keeps
-   ``floor(ϕS·k_b)`` or ``floor(ϕS·k_b) + 1`` entries and the total is ``T`` or ``T − 1``.
-   If the rest exceeds ``P_S + 1`` (every sparse entry fits with budget to spare), ϕL is rounded
+   ``floor(ϕS·k_b)`` or ``floor(ϕS·k_b) + 1`` entries and the total is ``T`` or ``T − 1``
+   (with tiles: within ``c − 1`` below ``T``, ``T − c + 1 ≤ count ≤ T``).
+   If the rest exceeds ``P_S + c − 1`` (every sparse unit fits with budget to spare), ϕL is rounded
    *up* instead — to the smallest breakpoint costing at least ``B_L`` — when that still fits in
    ``B_c``, and the sparse part gives back the difference (less than one step of ϕL). The total
    can fall short of ``T − 1`` only when even that does not fit (the sparse part is smaller than
@@ -98,9 +106,11 @@ class Allocation(NamedTuple):
 
     Attributes:
         phi_low_rank: shared fraction of singular triplets kept (``r'_b = floor(ϕL·r_b)``).
-        phi_sparse: shared fraction of sparse entries kept (up to one entry per block).
+        phi_sparse: shared fraction of sparse units (entries or tiles) kept (up to one unit per
+            block).
         ranks: block path -> kept rank ``r'_b``.
-        n_sparse: block path -> kept sparse count ``k'_b``.
+        n_sparse: block path -> kept sparse count ``k'_b`` (entries, or tiles when the
+            surrogate block's ``sparse_block > 1``).
         params: exact deployed parameter count (module docstring convention).
         budget: target count ``T`` (``floor(fraction·D)``, or ``O + floor(fraction·C)`` when
             ``relative_to == "constrained"``).
@@ -124,11 +134,18 @@ class Allocation(NamedTuple):
     relative_to: str = "dense"
 
 
-def block_cost(shape: tuple[int, int], rank: int, n_sparse: int) -> int:
-    """Parameters of one block kept at ``rank`` triplets and ``n_sparse`` entries:
-    ``rank·(m + n + 1) + 2·n_sparse``."""
+def sparse_unit_cost(sparse_block: int = 1) -> int:
+    """Parameters of one sparse unit: ``b² + 1`` — a ``b × b`` tile's values (padding included)
+    plus its index; ``2`` (value + index) for an entry, ``b = 1``."""
+    return int(sparse_block) ** 2 + 1
+
+
+def block_cost(shape: tuple[int, int], rank: int, n_sparse: int, sparse_block: int = 1) -> int:
+    """Parameters of one block kept at ``rank`` triplets and ``n_sparse`` sparse units (entries,
+    or ``sparse_block × sparse_block`` tiles): ``rank·(m + n + 1) + (b² + 1)·n_sparse``, i.e.
+    ``2·n_sparse`` for entries (:func:`sparse_unit_cost`)."""
     m, n = shape
-    return int(rank) * (int(m) + int(n) + 1) + 2 * int(n_sparse)
+    return int(rank) * (int(m) + int(n) + 1) + sparse_unit_cost(sparse_block) * int(n_sparse)
 
 
 class _Block(NamedTuple):
@@ -136,6 +153,7 @@ class _Block(NamedTuple):
     shape: tuple[int, int]
     rank: int
     nnz: int
+    sparse_block: int = 1
 
 
 def _blocks(surrogate: Surrogate, params: Any) -> tuple[list[_Block], int, int]:
@@ -155,7 +173,7 @@ def _blocks(surrogate: Surrogate, params: Any) -> tuple[list[_Block], int, int]:
             if tuple(b.shape) != shape:
                 raise ValueError(f"surrogate block {path!r} has shape {tuple(b.shape)} but the "
                                  f"params leaf has shape {shape}")
-            blocks.append(_Block(path, shape, b.rank, b.nnz))
+            blocks.append(_Block(path, shape, b.rank, b.nnz, b.sparse_block))
     dense = int(sum(math.prod(s) for s in shapes.values()))
     other = dense - sum(b.shape[0] * b.shape[1] for b in blocks)
     return blocks, dense, other
@@ -169,8 +187,8 @@ def param_count(params: Any, surrogate: Surrogate, ranks: dict[str, int] | None 
     blocks, _, other = _blocks(surrogate, params)
     ranks = ranks or {}
     n_sparse = n_sparse or {}
-    return other + sum(block_cost(b.shape, ranks.get(b.path, b.rank), n_sparse.get(b.path, b.nnz))
-                       for b in blocks)
+    return other + sum(block_cost(b.shape, ranks.get(b.path, b.rank), n_sparse.get(b.path, b.nnz),
+                                  b.sparse_block) for b in blocks)
 
 
 def minimum_budget(params: Any, surrogate: Surrogate) -> float:
@@ -230,12 +248,12 @@ def _target(frac: Fraction, dense: int) -> int:
     return nearest if abs(x - nearest) <= dense * Fraction(2) ** -50 else math.floor(x)
 
 
-def _rank_breakpoint(ladder: _RankLadder, b_l: Fraction, b_c: int, p_s: int,
+def _rank_breakpoint(ladder: _RankLadder, b_l: Fraction, b_c: int, p_s: int, unit: int,
                      exact: bool) -> int:
     """The rank-ladder breakpoint for a low-rank budget ``b_l``: rounded down, or up (step 4)
-    when ``exact`` and every sparse entry would fit with budget to spare."""
+    when ``exact`` and every sparse unit (cost ``unit``) would fit with budget to spare."""
     i = ladder.floor(b_l)
-    if exact and b_c - ladder.cost(i) > p_s + 1:
+    if exact and b_c - ladder.cost(i) > p_s + unit - 1:
         up = ladder.ceil(b_l)
         if ladder.cost(up) <= b_c:
             i = up
@@ -269,22 +287,32 @@ def _targets(frac: Fraction, budget: float, relative_to: str, dense: int, other:
     return target
 
 
+def _shared_unit_cost(blocks: list[_Block]) -> int:
+    """The one sparse unit cost ``c`` of the blocks holding sparse units (2 if none does)."""
+    sizes = sorted({b.sparse_block for b in blocks if b.nnz})
+    if len(sizes) > 1:
+        raise ValueError(f"HPA keeps one fraction of sparse units in every block, so the blocks "
+                         f"must share one sparse unit; got sparse_block sizes {sizes}")
+    return sparse_unit_cost(sizes[0] if sizes else 1)
+
+
 def _homomorphic(blocks: list[_Block], b_c: int, kap: Fraction,
                  exact: bool) -> tuple[np.ndarray, np.ndarray, Fraction, Fraction]:
     """HPA steps 1-4 (module docstring): ``(ranks, sparse counts, ϕL, ϕS)`` within ``b_c``."""
     ranks_full = np.array([b.rank for b in blocks], np.int64)
     nnz_full = np.array([b.nnz for b in blocks], np.int64)
     unit = np.array([b.shape[0] + b.shape[1] + 1 for b in blocks], np.int64)
+    c = _shared_unit_cost(blocks)
     p_l = int(np.sum(ranks_full * unit))
-    p_s = 2 * int(np.sum(nnz_full))
+    p_s = c * int(np.sum(nnz_full))
     total_k = int(np.sum(nnz_full))
     if b_c >= p_l + p_s:
         return ranks_full, nnz_full, Fraction(1), Fraction(1)
     b_l = min(Fraction(p_l), max(kap * b_c, Fraction(b_c - p_s)))
     ladder = _RankLadder(ranks_full, unit)
-    i = _rank_breakpoint(ladder, b_l, b_c, p_s, exact)
+    i = _rank_breakpoint(ladder, b_l, b_c, p_s, c, exact)
     if exact:
-        k = min(total_k, (b_c - ladder.cost(i)) // 2)
+        k = min(total_k, (b_c - ladder.cost(i)) // c)
         phi_s = Fraction(k, total_k) if total_k else Fraction(1)
         kept = _apportion(k, nnz_full)
     else:
@@ -297,7 +325,8 @@ def _by_sensitivity(surrogate: Surrogate, blocks: list[_Block], b_c: int,
                     sensitivity: Any) -> tuple[np.ndarray, np.ndarray, Fraction, Fraction]:
     """The sensitivity strategy's ``(ranks, sparse counts, aggregate ϕL, aggregate ϕS)``."""
     ordered = {b.path: surrogate[b.path] for b in blocks}
-    costs = {b.path: (block_cost(b.shape, 1, 0), block_cost(b.shape, 0, 1)) for b in blocks}
+    costs = {b.path: (block_cost(b.shape, 1, 0), block_cost(b.shape, 0, 1, b.sparse_block))
+             for b in blocks}
     sol = sensitivity_allocation(sensitivity, ordered, costs, b_c)
     ranks = np.array([sol.ranks[b.path] for b in blocks], np.int64)
     kept = np.array([sol.n_sparse[b.path] for b in blocks], np.int64)
@@ -360,7 +389,8 @@ def allocate(surrogate: Surrogate, budget: float, kappa: float = 0.5, *, params:
         ranks, kept, phi_l, phi_s = _homomorphic(blocks, target - other, kap, exact)
     rank_d = {b.path: int(r) for b, r in zip(blocks, ranks)}
     kept_d = {b.path: int(k) for b, k in zip(blocks, kept)}
-    total = other + sum(block_cost(b.shape, rank_d[b.path], kept_d[b.path]) for b in blocks)
+    total = other + sum(block_cost(b.shape, rank_d[b.path], kept_d[b.path], b.sparse_block)
+                        for b in blocks)
     if total > target:  # impossible by construction; guard the invariant
         raise RuntimeError(f"allocated {total} parameters above the budget {target}")
     return Allocation(float(phi_l), float(phi_s), rank_d, kept_d, int(total), int(target),

@@ -64,7 +64,7 @@ from scipy.optimize import isotonic_regression
 
 from admm_jax._checks import check_int
 from admm_jax.core.tree import flat_paths
-from admm_jax.salaad.surrogate import BlockSurrogate, Surrogate
+from admm_jax.salaad.surrogate import BlockSurrogate, Surrogate, tiles_of
 
 
 class BlockSensitivity(NamedTuple):
@@ -167,7 +167,8 @@ def _fisher_leaves(surrogate: Surrogate, fisher: Any) -> dict[str, np.ndarray]:
 def unit_sensitivity(surrogate: Surrogate, fisher: Any) -> Sensitivity:
     """OBD scores of every unit of every surrogate block under a diagonal Fisher ``F``.
 
-    Triplet ``i``: ``½ s_i² (u_i²)ᵀ F (v_i²)``; sparse entry ``j``: ``½ F[idx_j]·value_j²`` — the
+    Triplet ``i``: ``½ s_i² (u_i²)ᵀ F (v_i²)``; sparse entry ``j``: ``½ F[idx_j]·value_j²`` (a
+    ``b × b`` tile of a block-structured surrogate: the sum of that over its entries) — the
     second-order loss increase of deleting that unit alone from the full block (module
     docstring; LeCun et al. 1990, Kwon et al. 2022).
 
@@ -195,7 +196,12 @@ def unit_sensitivity(surrogate: Surrogate, fisher: Any) -> Sensitivity:
                                               jnp.asarray(b.v, jnp.float32), jnp.asarray(f)))
                 if b.rank else np.zeros(0, np.float32))
         values = np.asarray(b.values, np.float32)
-        sparse = 0.5 * f.reshape(-1)[np.asarray(b.indices, np.int64)] * values * values
+        idx = np.asarray(b.indices, np.int64)
+        if b.sparse_block > 1:  # a tile: the sum over its entries (padding has F = 0 there)
+            tiles = tiles_of(np.asarray(f, np.float32), b.sparse_block)[idx]
+            sparse = 0.5 * np.sum(tiles * values * values, axis=(1, 2))
+        else:
+            sparse = 0.5 * f.reshape(-1)[idx] * values * values
         out[path] = BlockSensitivity((0.5 * s * s * curv).astype(np.float32),
                                      sparse.astype(np.float32))
     return out

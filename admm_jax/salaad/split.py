@@ -10,6 +10,19 @@ on V = X + U (the official code's order, S before L; ``order="low_rank_first"`` 
 measures the effective-rank ratio Γ of L (energy γ) and the density Υ of S and lets the
 I-controller (:mod:`admm_jax.salaad.controller`) move α and β toward the targets.
 
+Block-structured S (``sparse_structure=Block(b)`` / ``"blockB"``, opt-in): the kernel is
+zero-padded to multiples of b and cut into b × b tiles (:mod:`admm_jax.ops.structures`), and the
+entry soft-threshold becomes the group (tile) soft-threshold, the prox of the group lasso
+τ·Σ_t w_t‖S_t‖_F (Yuan & Lin 2006) with τ = β/ρ and the weight w_t = √(b²) = b of a full tile:
+
+    S_t = max(0, 1 − b·τ / ‖Y_t‖_F) · Y_t        (S_t = 0 where ‖Y_t‖_F = 0)
+
+so a tile whose entries all have magnitude β/ρ is exactly at the threshold, as one entry is in
+the ℓ1 case: β keeps its per-entry meaning and the controller's gains carry over. A partial edge
+tile keeps the weight b (our choice: every tile is one unit, as in the block pruners). The
+controller's density Υ is then the fraction of nonzero *tiles*, so the target density is a tile
+fraction.
+
 L is kept dense and S dense (static shapes under jit); the compact surrogate (factors of L,
 values + indices of S) is exported once after training (:func:`slr_components`,
 :mod:`admm_jax.salaad.surrogate`).
@@ -52,6 +65,14 @@ from admm_jax.core.state import block_states
 from admm_jax.core.storage import StateStorage
 from admm_jax.core.tree import SelectionSpec
 from admm_jax.ops import prox
+from admm_jax.ops.structures import (
+    Block,
+    StructureSpec,
+    Unstructured,
+    expand_tiles,
+    parse_structure,
+    tile_scores,
+)
 from admm_jax.salaad.controller import ControllerConfig, Rates, controller_step
 
 Array = jax.Array
@@ -104,6 +125,33 @@ def _init_state(x: Array, svd: SVD, rank_cap_ratio: float, init_rank_ratio: floa
                     rank_ratio=rank_ratio, density=zero, factors=factors, key=key)
 
 
+def tile_soft_threshold(y: Array, tau: Array, size: int) -> Array:
+    """Group soft-threshold of ``y [in, out]`` over its ``size × size`` tiles (the kernel zero-
+    padded to multiples of ``size``, :func:`admm_jax.ops.structures.tile_scores`):
+    ``S_t = max(0, 1 − size·τ/‖Y_t‖_F) · Y_t``, the prox of ``τ·Σ_t size·‖S_t‖_F`` (module
+    docstring; Yuan & Lin 2006). Tiles with ``‖Y_t‖_F ≤ size·τ`` become exactly 0."""
+    norms = jnp.sqrt(tile_scores(jnp.square(y.astype(jnp.float32)), size))
+    scale = jnp.maximum(0.0, 1.0 - size * tau / jnp.where(norms > 0, norms, 1.0))
+    return (expand_tiles(scale, size, y.shape) * y).astype(y.dtype)
+
+
+def tile_density(x: Array, size: int) -> Array:
+    """Fraction of the ``size × size`` tiles of ``x [in, out]`` holding a nonzero entry."""
+    return jnp.mean(tile_scores(jnp.abs(x), size) > 0).astype(jnp.float32)
+
+
+def _sparse_structure(spec: StructureSpec) -> Unstructured | Block:
+    """``"unstructured"`` or a :class:`Block` (``"blockB"``); anything else is refused."""
+    try:
+        structure = parse_structure(spec)
+    except ValueError:
+        structure = None
+    if not isinstance(structure, (Unstructured, Block)):
+        raise ValueError(f"sparse_structure must be 'unstructured' or 'blockB' (e.g. 'block16', "
+                         f"Block(16)), got {spec!r}")
+    return structure
+
+
 def _low_rank_prox(y: Array, tau: Array, state: SLRState, svd: SVD, rank_cap_ratio: float,
                    n_iter: int) -> tuple[Array, prox.LowRank, Array | None]:
     """Singular-value soft-threshold of ``y`` at ``tau``: exact, or by warm-started subspace
@@ -120,7 +168,8 @@ def _low_rank_prox(y: Array, tau: Array, state: SLRState, svd: SVD, rank_cap_rat
 
 def slr_split(controller: ControllerConfig | None = None, *, energy: float = 0.999,
               order: Order = "sparse_first", svd: SVD = "exact", rank_cap_ratio: float = 0.25,
-              n_iter: int = 2, seed: int = 0, init_rank_ratio: float | None = None) -> Split:
+              n_iter: int = 2, seed: int = 0, init_rank_ratio: float | None = None,
+              sparse_structure: StructureSpec = "unstructured") -> Split:
     """The L + S split with the I-controller (see module docstring).
 
     Args:
@@ -136,6 +185,10 @@ def slr_split(controller: ControllerConfig | None = None, *, energy: float = 0.9
         seed: PRNG seed of the subspace back-end.
         init_rank_ratio: rank of L₀ as a fraction in ``(0, 1]`` of ``min(m, n)`` (floored, at
             least 1); ``None`` = the controller's target rank ratio (official: 0.15).
+        sparse_structure: ``"unstructured"`` (default: entry soft-threshold, density = entry
+            fraction) or ``Block(b)`` / ``"blockB"``: the tile soft-threshold
+            :func:`tile_soft_threshold` at ``β/ρ`` and density = fraction of nonzero tiles (the
+            controller's target density is then a tile fraction; module docstring).
 
     Returns:
         The split; its per-block prox is one alternating pass (J = 1) followed by the
@@ -151,6 +204,15 @@ def slr_split(controller: ControllerConfig | None = None, *, energy: float = 0.9
     init_rank_ratio = check_real("init_rank_ratio", controller.target_rank_ratio
                                  if init_rank_ratio is None else init_rank_ratio,
                                  low=0.0, low_open=True, high=1.0)
+    structure = _sparse_structure(sparse_structure)
+    if isinstance(structure, Block):
+        def sparse_prox(y, tau):
+            return tile_soft_threshold(y, tau, structure.size)
+
+        def sparse_density(x):
+            return tile_density(x, structure.size)
+    else:
+        sparse_prox, sparse_density = prox.soft_threshold, prox.density
 
     def init(x):
         state = _init_state(x, svd, rank_cap_ratio, init_rank_ratio, energy, seed)
@@ -159,14 +221,15 @@ def slr_split(controller: ControllerConfig | None = None, *, energy: float = 0.9
     def block_prox(v, state: SLRState, ctx: ProxContext):
         ell_tau, s_tau = state.alpha / ctx.rho, state.beta / ctx.rho
         if order == "sparse_first":
-            sparse = prox.soft_threshold(v - state.low_rank, s_tau)
+            sparse = sparse_prox(v - state.low_rank, s_tau)
             low_rank, factors, key = _low_rank_prox(v - sparse, ell_tau, state, svd,
                                                     rank_cap_ratio, n_iter)
         else:
             low_rank, factors, key = _low_rank_prox(v - state.sparse, ell_tau, state, svd,
                                                     rank_cap_ratio, n_iter)
-            sparse = prox.soft_threshold(v - low_rank, s_tau)
-        rates = Rates(prox.effective_rank_ratio(factors.s, v.shape, energy), prox.density(sparse))
+            sparse = sparse_prox(v - low_rank, s_tau)
+        rates = Rates(prox.effective_rank_ratio(factors.s, v.shape, energy),
+                      sparse_density(sparse))
         alpha, beta = controller_step(state.alpha, state.beta, ctx.rho, rates,
                                       Rates(state.rank_ratio, state.density), ctx.step,
                                       controller)
@@ -182,7 +245,7 @@ def slr_admm(rho: RhoSpec = 1e-6, *, interval: int = 2, mask: SelectionSpec = No
              controller: ControllerConfig | None = None, energy: float = 0.999,
              order: Order = "sparse_first", svd: SVD = "exact", rank_cap_ratio: float = 0.25,
              n_iter: int = 2, seed: int = 0, init_rank_ratio: float | None = None,
-             rho_scaling: RhoScaling = "none",
+             sparse_structure: StructureSpec = "unstructured", rho_scaling: RhoScaling = "none",
              n_layers: int | None = None, rho_schedule: Schedule | None = None,
              residual_balancing: tuple[float, float] | None = None,
              coupling: Coupling = "gradient", decoupled_lr: float | optax.Schedule = 1.0,
@@ -205,8 +268,8 @@ def slr_admm(rho: RhoSpec = 1e-6, *, interval: int = 2, mask: SelectionSpec = No
             knob to set.
         interval: K, steps between stage-2 updates (official: 2).
         mask: constrained leaves (default: decoder-layer kernels and the token embedding).
-        controller, energy, order, svd, rank_cap_ratio, n_iter, seed, init_rank_ratio: see
-            :func:`slr_split`.
+        controller, energy, order, svd, rank_cap_ratio, n_iter, seed, init_rank_ratio,
+            sparse_structure: see :func:`slr_split`.
         rho_scaling, n_layers, rho_schedule, residual_balancing, coupling, decoupled_lr,
             state_storage, halt_on_nonfinite, base: see :func:`admm_jax.core.admm.admm`
             (``rho_scaling="shape"`` with ``n_layers`` is SALAAD's 1/(n_layers·√(mn)) law,
@@ -214,7 +277,7 @@ def slr_admm(rho: RhoSpec = 1e-6, *, interval: int = 2, mask: SelectionSpec = No
     """
     split = slr_split(controller, energy=energy, order=order, svd=svd,
                       rank_cap_ratio=rank_cap_ratio, n_iter=n_iter, seed=seed,
-                      init_rank_ratio=init_rank_ratio)
+                      init_rank_ratio=init_rank_ratio, sparse_structure=sparse_structure)
     return admm(split, rho, interval=interval, mask=mask, rho_scaling=rho_scaling,
                 n_layers=n_layers, rho_schedule=rho_schedule,
                 residual_balancing=residual_balancing, coupling=coupling,

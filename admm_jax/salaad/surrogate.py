@@ -9,12 +9,19 @@ time each block is stored compactly as a :class:`BlockSurrogate`:
 * the nonzeros of ``S``: ``values: f32[k]`` sorted by ``|value|`` descending (ties: smaller flat
   index first) and ``indices: int32[k]``, flat row-major indices into ``[m, n]``;
 * ``shape: tuple[int, int]`` — ``(m, n)`` as two Python ints (static metadata, not an array; it
-  survives an orbax round trip because :func:`save_surrogate` writes it into a JSON index).
+  survives an orbax round trip because :func:`save_surrogate` writes it into a JSON index);
+* ``sparse_block: int`` — the unit of ``S``: 1 (default) for single entries as above, or ``b``
+  for a block-structured ``S`` (``sparse_structure=Block(b)`` in
+  :func:`admm_jax.salaad.split.slr_split`), stored as whole ``b × b`` tiles of the kernel
+  zero-padded to multiples of ``b`` (:mod:`admm_jax.ops.structures`): ``values: f32[k, b, b]``
+  sorted by Frobenius norm descending (ties: smaller tile index first) and ``indices:
+  int32[k]``, flat row-major indices into the ``[⌈m/b⌉, ⌈n/b⌉]`` tile grid (padding entries 0).
 
 Both orderings put the most important units first, so a prefix ``(rank, n_sparse)`` is the
 truncation that SALAAD's Homomorphic Parameter Allocation deploys (:mod:`admm_jax.salaad.hpa`);
 :func:`reconstruct` returns
-``u[:, :rank] · diag(s[:rank]) · v[:, :rank]ᵀ + scatter(values[:n_sparse] at indices[:n_sparse])``.
+``u[:, :rank] · diag(s[:rank]) · v[:, :rank]ᵀ + scatter(values[:n_sparse] at indices[:n_sparse])``
+(for tiles, ``n_sparse`` counts tiles).
 
 A :data:`Surrogate` maps a block path string (:func:`path_str`, e.g.
 ``"layers/0/attn/q_proj/kernel"`` or ``"embed/embedding"``) to its :class:`BlockSurrogate`.
@@ -23,7 +30,8 @@ Arrays are host ``numpy`` arrays: the surrogate is an export artifact, not a tra
 On disk the surrogate of a checkpoint lives next to its dense weights::
 
     <checkpoint dir>/surrogate/     one orbax checkpoint (CompositeCheckpointHandler) with items
-        index                       JSON: format, block paths in order, shape, rank, nnz, meta
+        index                       JSON: format, block paths in order, shape, rank, nnz,
+                                    sparse_block (absent = 1, as in older surrogates), meta
         arrays                      {"b<i>": {"u", "s", "v", "values", "indices"}} (empty arrays
                                     are omitted: orbax cannot store zero-size arrays)
 
@@ -35,6 +43,7 @@ either the previous surrogate or none — never a partial one that loads.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -47,6 +56,7 @@ import orbax.checkpoint as ocp
 
 from admm_jax._checks import check_real
 from admm_jax.core.tree import path_str
+from admm_jax.ops.structures import Block, StructureSpec, parse_structure, tile_grid
 from admm_jax.training.checkpoint import NonFiniteError, resolve_checkpoint_dir
 
 SURROGATE_DIR = "surrogate"
@@ -61,9 +71,12 @@ class BlockSurrogate(NamedTuple):
         u: ``f32[m, r]`` left singular vectors of the low-rank part.
         s: ``f32[r]`` singular values, descending, all > 0.
         v: ``f32[n, r]`` right singular vectors.
-        values: ``f32[k]`` nonzeros of the sparse part, ``|values|`` descending.
-        indices: ``int32[k]`` flat row-major positions of ``values`` in ``[m, n]`` (distinct).
+        values: ``f32[k]`` nonzeros of the sparse part, ``|values|`` descending; for
+            ``sparse_block = b > 1``, ``f32[k, b, b]`` nonzero tiles, Frobenius norm descending.
+        indices: ``int32[k]`` flat row-major positions of ``values`` in ``[m, n]`` (distinct);
+            for tiles, in the ``[⌈m/b⌉, ⌈n/b⌉]`` tile grid.
         shape: ``(m, n)`` as Python ints.
+        sparse_block: the side ``b`` of a sparse unit (1: single entries).
     """
 
     u: np.ndarray
@@ -72,6 +85,7 @@ class BlockSurrogate(NamedTuple):
     values: np.ndarray
     indices: np.ndarray
     shape: tuple[int, int]
+    sparse_block: int = 1
 
     @property
     def rank(self) -> int:
@@ -80,8 +94,56 @@ class BlockSurrogate(NamedTuple):
 
     @property
     def nnz(self) -> int:
-        """Number of stored sparse entries ``k``."""
+        """Number of stored sparse units ``k`` (entries, or tiles when ``sparse_block > 1``)."""
         return int(self.values.shape[0])
+
+
+def _unit_shape(sparse_block: int) -> tuple[int, ...]:
+    """Shape of one stored sparse unit: ``()`` for an entry, ``(b, b)`` for a tile."""
+    return () if sparse_block == 1 else (sparse_block, sparse_block)
+
+
+def _sparse_block(sparse_structure: StructureSpec) -> int:
+    """The unit side ``b`` of ``"unstructured"`` (1) or a :class:`Block` (``"blockB"``)."""
+    structure = parse_structure(sparse_structure)
+    if isinstance(structure, Block):
+        return structure.size
+    if str(structure) != "unstructured":
+        raise ValueError(f"sparse_structure must be 'unstructured' or 'blockB', got "
+                         f"{sparse_structure!r}")
+    return 1
+
+
+def tiles_of(x: np.ndarray, size: int) -> np.ndarray:
+    """``[R·C, b, b]`` tiles of ``x [m, n]`` zero-padded to the tile grid, row-major."""
+    rows, cols = tile_grid(x.shape, size)
+    padded = np.zeros((rows * size, cols * size), x.dtype)
+    padded[:x.shape[0], :x.shape[1]] = x
+    return padded.reshape(rows, size, cols, size).transpose(0, 2, 1, 3).reshape(-1, size, size)
+
+
+def _untile(tiles: np.ndarray, shape: tuple[int, int], size: int) -> np.ndarray:
+    """The inverse of :func:`tiles_of`: all ``R·C`` row-major tiles back to ``[m, n]`` (the
+    padding cut off)."""
+    rows, cols = tile_grid(shape, size)
+    return tiles.reshape(rows, cols, size, size).transpose(0, 2, 1, 3).reshape(
+        rows * size, cols * size)[:shape[0], :shape[1]].copy()
+
+
+def sparse_part(block: BlockSurrogate, n_sparse: int | None = None) -> np.ndarray:
+    """Dense ``f32[m, n]`` sum of the first ``n_sparse`` sparse units (``None``: all)."""
+    n_sparse = block.nnz if n_sparse is None else int(n_sparse)
+    m, n = block.shape
+    b = block.sparse_block
+    idx = np.asarray(block.indices[:n_sparse], np.int64)
+    values = np.asarray(block.values[:n_sparse], np.float32)
+    if b == 1:
+        out = np.zeros(m * n, np.float32)
+        out[idx] = values
+        return out.reshape(m, n)
+    tiles = np.zeros((math.prod(tile_grid((m, n), b)), b, b), np.float32)
+    tiles[idx] = values
+    return _untile(tiles, (m, n), b)
 
 
 Surrogate = dict[str, BlockSurrogate]
@@ -104,12 +166,15 @@ def _check_flat_size(shape: tuple[int, int]) -> None:
 
 
 def block_surrogate_from_factors(u: Any, s: Any, v: Any, values: Any, indices: Any,
-                                 shape: tuple[int, int]) -> BlockSurrogate:
+                                 shape: tuple[int, int], sparse_block: int = 1) -> BlockSurrogate:
     """Validate and canonicalise given factors into a :class:`BlockSurrogate`.
 
     Triplets are sorted by singular value (descending) and those with ``s <= 0`` dropped; sparse
     entries with value 0 are dropped and the rest sorted by magnitude (descending, ties by flat
-    index). Raises ``ValueError`` on inconsistent shapes, out-of-range or duplicate indices.
+    index). With ``sparse_block = b > 1``, ``values`` are ``[k, b, b]`` tiles at tile-grid
+    ``indices``: entries in the padding beyond ``shape`` are zeroed, all-zero tiles dropped and
+    the rest sorted by Frobenius norm (descending, ties by tile index). Raises ``ValueError`` on
+    inconsistent shapes, out-of-range or duplicate indices.
     """
     m, n = (int(d) for d in shape)
     if m < 1 or n < 1:
@@ -125,22 +190,36 @@ def block_surrogate_from_factors(u: Any, s: Any, v: Any, values: Any, indices: A
     order = np.argsort(-s, kind="stable")
     order = order[s[order] > 0]
     u, s, v = u[:, order], s[order], v[:, order]
-    values = np.asarray(jax.device_get(values), np.float32).reshape(-1)
+    b = int(sparse_block)
+    if b < 1:
+        raise ValueError(f"sparse_block must be an int >= 1, got {sparse_block!r}")
+    unit = _unit_shape(b)
     indices = np.asarray(jax.device_get(indices)).reshape(-1)
-    if values.shape != indices.shape:
+    values = np.asarray(jax.device_get(values), np.float32).reshape((indices.size, *unit)
+                                                                    if b > 1 else -1)
+    if values.shape[:1] != indices.shape:
         raise ValueError(f"values {values.shape} and indices {indices.shape} must match")
-    if indices.size and (indices.min() < 0 or indices.max() >= m * n):
-        raise ValueError(f"indices must lie in [0, {m * n}) for a block of shape {(m, n)}")
+    units = m * n if b == 1 else math.prod(tile_grid((m, n), b))
+    if indices.size and (indices.min() < 0 or indices.max() >= units):
+        raise ValueError(f"indices must lie in [0, {units}) for a block of shape {(m, n)}"
+                         + ("" if b == 1 else f" cut into {b} × {b} tiles"))
     if np.unique(indices).size != indices.size:
         raise ValueError("indices must be distinct")
-    keep = values != 0
-    values, indices = values[keep], indices[keep].astype(np.int32)
-    order = np.lexsort((indices, -np.abs(values)))
+    if b > 1:  # zero the padding: rebuild the tiles from their true entries
+        every = np.zeros((units, *unit), np.float32)
+        every[indices] = values
+        values = tiles_of(_untile(every, (m, n), b), b)[indices]
+    size = np.abs(values) if b == 1 else np.linalg.norm(
+        values.reshape(indices.size, b * b).astype(np.float64), axis=1)
+    keep = size != 0 if b == 1 else np.any(values.reshape(indices.size, b * b) != 0, axis=1)
+    values, indices, size = values[keep], indices[keep].astype(np.int32), size[keep]
+    order = np.lexsort((indices, -size))
     return BlockSurrogate(np.ascontiguousarray(u), s, np.ascontiguousarray(v), values[order],
-                          indices[order], (m, n))
+                          indices[order], (m, n), b)
 
 
-def block_surrogate(low_rank: Any, sparse: Any, *, rank_tol: float = 1e-6) -> BlockSurrogate:
+def block_surrogate(low_rank: Any, sparse: Any, *, rank_tol: float = 1e-6,
+                    sparse_structure: StructureSpec = "unstructured") -> BlockSurrogate:
     """Compact surrogate of one block from its dense low-rank and sparse parts.
 
     Args:
@@ -149,7 +228,11 @@ def block_surrogate(low_rank: Any, sparse: Any, *, rank_tol: float = 1e-6) -> Bl
             fp32 ``L`` of exact rank r has spurious singular values near ``1e-7 · s_0``).
         sparse: ``[m, n]`` sparse part ``S``; its nonzeros are kept exactly.
         rank_tol: relative singular-value cut-off in ``[0, 1)``.
+        sparse_structure: ``"unstructured"`` (entries) or ``Block(b)`` / ``"blockB"``: ``S``
+            stored as its ``b × b`` tiles holding a nonzero (the split's
+            ``sparse_structure``; a tile with some zero entries is stored whole).
     """
+    b = _sparse_block(sparse_structure)
     rank_tol = check_real("rank_tol", rank_tol, low=0.0, high=1.0, high_open=True)
     lr = _as_matrix("low_rank", low_rank)
     sp = _as_matrix("sparse", sparse)
@@ -165,19 +248,20 @@ def block_surrogate(low_rank: Any, sparse: Any, *, rank_tol: float = 1e-6) -> Bl
         u, s, v = u[:, :r], s[:r], vt[:r].T
     else:
         u, s, v = np.zeros((shape[0], 0)), np.zeros((0,)), np.zeros((shape[1], 0))
-    flat = sp.reshape(-1)
-    idx = np.flatnonzero(flat)
-    return block_surrogate_from_factors(u, s, v, flat[idx], idx, shape)
+    flat = sp.reshape(-1) if b == 1 else tiles_of(sp.astype(np.float32), b)
+    idx = np.flatnonzero(flat.reshape(flat.shape[0], -1).any(axis=1))
+    return block_surrogate_from_factors(u, s, v, flat[idx], idx, shape, b)
 
 
-def surrogate_from_trees(low_rank: Any, sparse: Any, *, rank_tol: float = 1e-6) -> Surrogate:
+def surrogate_from_trees(low_rank: Any, sparse: Any, *, rank_tol: float = 1e-6,
+                         sparse_structure: StructureSpec = "unstructured") -> Surrogate:
     """Surrogate of every constrained block from trees of dense ``L`` and ``S`` parts.
 
     Args:
         low_rank, sparse: pytrees mirroring the params, with the dense ``[m, n]`` parts at the
             constrained leaves and an empty node (``None``, ``optax.MaskedNode()``) elsewhere.
             Both must have the same leaf paths.
-        rank_tol: see :func:`block_surrogate`.
+        rank_tol, sparse_structure: see :func:`block_surrogate`.
 
     Returns:
         ``{path_str(path): BlockSurrogate}`` in the trees' flatten order.
@@ -190,7 +274,8 @@ def surrogate_from_trees(low_rank: Any, sparse: Any, *, rank_tol: float = 1e-6) 
         raise ValueError(f"low_rank and sparse must have the same constrained leaves; only in "
                          f"low_rank: {sorted(set(lr) - set(sp))}, only in sparse: "
                          f"{sorted(set(sp) - set(lr))}")
-    return {p: block_surrogate(lr[p], sp[p], rank_tol=rank_tol) for p in lr}
+    return {p: block_surrogate(lr[p], sp[p], rank_tol=rank_tol,
+                               sparse_structure=sparse_structure) for p in lr}
 
 
 def _check_truncation(block: BlockSurrogate, rank: int, n_sparse: int) -> None:
@@ -204,7 +289,8 @@ def reconstruct(block: BlockSurrogate, rank: int | None = None,
                 n_sparse: int | None = None) -> np.ndarray:
     """``u[:, :rank] · diag(s[:rank]) · v[:, :rank]ᵀ + scatter(values[:n_sparse] at indices)``.
 
-    ``None`` means all stored triplets / entries. Returns ``f32[m, n]`` (numpy)."""
+    ``None`` means all stored triplets / sparse units (entries, or tiles: :func:`sparse_part`).
+    Returns ``f32[m, n]`` (numpy)."""
     rank = block.rank if rank is None else int(rank)
     n_sparse = block.nnz if n_sparse is None else int(n_sparse)
     _check_truncation(block, rank, n_sparse)
@@ -214,6 +300,8 @@ def reconstruct(block: BlockSurrogate, rank: int | None = None,
                                                                      np.float32).T
     out = np.ascontiguousarray(out, dtype=np.float32).reshape(-1) if rank else \
         np.zeros(m * n, np.float32)
+    if block.sparse_block > 1:
+        return out.reshape(m, n) + sparse_part(block, n_sparse)
     out[np.asarray(block.indices[:n_sparse])] += np.asarray(block.values[:n_sparse], np.float32)
     return out.reshape(m, n)
 
@@ -264,7 +352,7 @@ def save_surrogate(checkpoint: str | os.PathLike, surrogate: Surrogate, *,
     blocks, arrays = [], {}
     for i, (path, b) in enumerate(surrogate.items()):
         blocks.append({"path": path, "shape": [int(b.shape[0]), int(b.shape[1])],
-                       "rank": b.rank, "nnz": b.nnz})
+                       "rank": b.rank, "nnz": b.nnz, "sparse_block": int(b.sparse_block)})
         item = {f: np.asarray(getattr(b, f)) for f in _ARRAY_FIELDS
                 if np.asarray(getattr(b, f)).size}
         if item:
@@ -313,7 +401,9 @@ def load_surrogate(checkpoint: str | os.PathLike) -> Surrogate:
         template = {}
         for i, blk in enumerate(index["blocks"]):
             (m, n), r, k = blk["shape"], blk["rank"], blk["nnz"]
-            shapes = {"u": (m, r), "s": (r,), "v": (n, r), "values": (k,), "indices": (k,)}
+            unit = _unit_shape(int(blk.get("sparse_block", 1)))
+            shapes = {"u": (m, r), "s": (r,), "v": (n, r), "values": (k, *unit),
+                      "indices": (k,)}
             item = {f: jax.ShapeDtypeStruct(shp, np.int32 if f == "indices" else np.float32)
                     for f, shp in shapes.items() if int(np.prod(shp))}
             if item:
@@ -323,6 +413,7 @@ def load_surrogate(checkpoint: str | os.PathLike) -> Surrogate:
     out: Surrogate = {}
     for i, blk in enumerate(index["blocks"]):
         (m, n), r, k = blk["shape"], blk["rank"], blk["nnz"]
+        b = int(blk.get("sparse_block", 1))
         item = arrays.get(f"b{i}", {})
 
         def get(f, shp, dtype, item=item):
@@ -330,8 +421,8 @@ def load_surrogate(checkpoint: str | os.PathLike) -> Surrogate:
 
         out[blk["path"]] = BlockSurrogate(
             get("u", (m, r), np.float32), get("s", (r,), np.float32),
-            get("v", (n, r), np.float32), get("values", (k,), np.float32),
-            get("indices", (k,), np.int32), (int(m), int(n)))
+            get("v", (n, r), np.float32), get("values", (k, *_unit_shape(b)), np.float32),
+            get("indices", (k,), np.int32), (int(m), int(n)), b)
     return out
 
 
