@@ -56,6 +56,7 @@ from admm_jax.salaad.surrogate import (
     load_surrogate,
     reconstruct,
     save_surrogate,
+    sparse_unit,
 )
 from admm_jax.training import (
     OptimizerConfig,
@@ -122,6 +123,10 @@ class SalaadConfig:
     """Steps per unit of the ramp's logistic argument (official: 100)."""
     init_rank_ratio: float | None = None
     """Rank of L₀ as a fraction of min(m, n); None = the target rank ratio (official)."""
+    sparse_structure: str = "unstructured"
+    """Structure of the sparse part S: unstructured (ℓ1 prox, entries) or blockB, e.g.
+    block16 (tile soft-threshold; whole b × b tiles, surrogates and compact deployments in
+    tiles; the controller's target density is then a fraction of tiles)."""
     controller: ControllerConfig = dataclasses.field(default_factory=ControllerConfig)
     """Targets and gains of the per-block α/β controller (official: Γ̂ = 0.15, Υ̂ = 0.05,
     Δα = 0.2, Δβ = 0.002 — steps of the thresholds α/ρ, β/ρ per unit of rate error)."""
@@ -161,6 +166,7 @@ class SalaadConfig:
         for budget in parse_budgets(self.budgets):
             check_real("budgets", budget, low=0.0, high=1.0, low_open=True)
         parse_strategies(self.strategies)
+        sparse_unit(self.sparse_structure)
 
 
 def parse_budgets(budgets: str) -> list[float]:
@@ -198,6 +204,7 @@ def salaad_optimizer(cfg: SalaadConfig, n_layers: int,
                       svd=cfg.svd,
                       rank_cap_ratio=cfg.rank_cap_ratio, init_rank_ratio=cfg.init_rank_ratio,
                       rho_scaling=cfg.rho_scaling, n_layers=n_layers, rho_schedule=ramp,
+                      sparse_structure=cfg.sparse_structure,
                       coupling=cfg.coupling, halt_on_nonfinite=True,
                       decoupled_lr=relative_lr_schedule(cfg.train)
                       if cfg.decoupled_schedule == "lr" else 1.0)
@@ -263,7 +270,8 @@ def export_surrogates(dense, salaad, cfg: SalaadConfig, corpus: TokenizedCorpus,
     salaad_ckpt = resolve_checkpoint_dir(out / "salaad")
     if not has_surrogate(salaad_ckpt):
         comps = slr_components(salaad.opt_state)
-        save_surrogate(salaad_ckpt, {p: block_surrogate(L, S) for p, (L, S) in comps.items()},
+        save_surrogate(salaad_ckpt, {p: block_surrogate(L, S, sparse_structure=cfg.sparse_structure)
+                                     for p, (L, S) in comps.items()},
                        meta={"method": "salaad", **corpus_meta(corpus)})
     if dense is None:
         return load_surrogate(salaad_ckpt), None

@@ -58,6 +58,34 @@ def test_salaad_decoupled_pull_follows_the_lr_schedule_when_asked():
     np.testing.assert_array_equal(first_update("lr"), 0.0)
 
 
+def test_salaad_sparse_structure_flag_reaches_the_split():
+    """``--sparse_structure block16`` makes the optimizer's S whole 16 × 16 tiles at every
+    stage 2 (some kept, some cut once β has grown); a structure that S cannot take is refused
+    when the config is built."""
+    params = {"kernel": jax.random.normal(jax.random.key(1), (40, 36))}
+    grads = jax.tree.map(np.zeros_like, params)
+    cfg = salaad.SalaadConfig(sparse_structure="block16", ramp_factor=1.0, interval=1,
+                              controller=salaad.ControllerConfig(beta_step=0.5),
+                              train=TrainConfig(steps=4))
+
+    def per_tile(mask):  # entries per 16 × 16 tile of the zero-padded 48 × 48 grid
+        return np.pad(mask, ((0, 8), (0, 12))).reshape(3, 16, 3, 16).sum(axis=(1, 3))
+
+    inside = per_tile(np.ones((40, 36), bool))
+    tx = salaad.salaad_optimizer(cfg, n_layers=1, mask="kernel")
+    state, kept = tx.init(params), []
+    for _ in range(4):
+        updates, state = tx.update(grads, state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+        (_, sparse), = salaad.slr_components(state).values()
+        nonzero = per_tile(np.asarray(sparse) != 0)
+        assert np.all((nonzero == 0) | (nonzero == inside))  # each tile whole or empty
+        kept.append(int((nonzero > 0).sum()))
+    assert any(0 < k < 9 for k in kept), kept
+    with pytest.raises(ValueError, match="sparse_structure must be"):
+        salaad.SalaadConfig(sparse_structure="2:4")
+
+
 def test_salaad_experiment_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("ADMM_JAX_CACHE", str(tmp_path / "cache"))
     texts = write_texts(tmp_path / "texts")

@@ -66,14 +66,12 @@ from admm_jax.core.storage import StateStorage
 from admm_jax.core.tree import SelectionSpec
 from admm_jax.ops import prox
 from admm_jax.ops.structures import (
-    Block,
     StructureSpec,
-    Unstructured,
     expand_tiles,
-    parse_structure,
     tile_scores,
 )
 from admm_jax.salaad.controller import ControllerConfig, Rates, controller_step
+from admm_jax.salaad.surrogate import sparse_unit
 
 Array = jax.Array
 Order = Literal["sparse_first", "low_rank_first"]
@@ -140,18 +138,6 @@ def tile_density(x: Array, size: int) -> Array:
     return jnp.mean(tile_scores(jnp.abs(x), size) > 0).astype(jnp.float32)
 
 
-def _sparse_structure(spec: StructureSpec) -> Unstructured | Block:
-    """``"unstructured"`` or a :class:`Block` (``"blockB"``); anything else is refused."""
-    try:
-        structure = parse_structure(spec)
-    except ValueError:
-        structure = None
-    if not isinstance(structure, (Unstructured, Block)):
-        raise ValueError(f"sparse_structure must be 'unstructured' or 'blockB' (e.g. 'block16', "
-                         f"Block(16)), got {spec!r}")
-    return structure
-
-
 def _low_rank_prox(y: Array, tau: Array, state: SLRState, svd: SVD, rank_cap_ratio: float,
                    n_iter: int) -> tuple[Array, prox.LowRank, Array | None]:
     """Singular-value soft-threshold of ``y`` at ``tau``: exact, or by warm-started subspace
@@ -204,13 +190,13 @@ def slr_split(controller: ControllerConfig | None = None, *, energy: float = 0.9
     init_rank_ratio = check_real("init_rank_ratio", controller.target_rank_ratio
                                  if init_rank_ratio is None else init_rank_ratio,
                                  low=0.0, low_open=True, high=1.0)
-    structure = _sparse_structure(sparse_structure)
-    if isinstance(structure, Block):
+    unit = sparse_unit(sparse_structure)
+    if unit > 1:
         def sparse_prox(y, tau):
-            return tile_soft_threshold(y, tau, structure.size)
+            return tile_soft_threshold(y, tau, unit)
 
         def sparse_density(x):
-            return tile_density(x, structure.size)
+            return tile_density(x, unit)
     else:
         sparse_prox, sparse_density = prox.soft_threshold, prox.density
 

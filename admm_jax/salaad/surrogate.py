@@ -103,14 +103,18 @@ def _unit_shape(sparse_block: int) -> tuple[int, ...]:
     return () if sparse_block == 1 else (sparse_block, sparse_block)
 
 
-def _sparse_block(sparse_structure: StructureSpec) -> int:
-    """The unit side ``b`` of ``"unstructured"`` (1) or a :class:`Block` (``"blockB"``)."""
-    structure = parse_structure(sparse_structure)
+def sparse_unit(sparse_structure: StructureSpec) -> int:
+    """The side ``b`` of the units of SALAAD's sparse part: 1 for ``"unstructured"`` (entries),
+    ``b`` for a :class:`Block` (``"blockB"``); any other structure is refused."""
+    try:
+        structure = parse_structure(sparse_structure)
+    except ValueError:
+        structure = None
     if isinstance(structure, Block):
         return structure.size
     if str(structure) != "unstructured":
-        raise ValueError(f"sparse_structure must be 'unstructured' or 'blockB', got "
-                         f"{sparse_structure!r}")
+        raise ValueError(f"sparse_structure must be 'unstructured' or 'blockB' (e.g. 'block16', "
+                         f"Block(16)), got {sparse_structure!r}")
     return 1
 
 
@@ -232,7 +236,7 @@ def block_surrogate(low_rank: Any, sparse: Any, *, rank_tol: float = 1e-6,
             stored as its ``b × b`` tiles holding a nonzero (the split's
             ``sparse_structure``; a tile with some zero entries is stored whole).
     """
-    b = _sparse_block(sparse_structure)
+    b = sparse_unit(sparse_structure)
     rank_tol = check_real("rank_tol", rank_tol, low=0.0, high=1.0, high_open=True)
     lr = _as_matrix("low_rank", low_rank)
     sp = _as_matrix("sparse", sparse)
