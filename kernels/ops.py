@@ -41,7 +41,8 @@ GPU kernel's one-hot reduce spends ``BC = 32`` multiply-adds per useful one; the
 walks entries one scalar at a time. BSR runs dense tile products and so pays off up to far
 higher densities. :data:`COO_CROSSOVER` and :data:`BLOCK_CROSSOVER` hold the crossovers: the CPU
 ones measured on whole SmolLM2 forwards (``python -m experiments.bench_sparse --parts crossover
---standins smollm2``, ``results/bench_sparse_crossover.json``), the GPU and TPU ones *estimates*
+--standins smollm2 [--crossover_structure block16]``, ``results/bench_sparse_crossover.json``
+and ``results/bench_sparse_crossover_block16.json``), the GPU and TPU ones *estimates*
 from the kernels' costs until measured on the device with ``python -m experiments.bench_sparse
 --device``.
 """
@@ -89,14 +90,16 @@ COO_CROSSOVER = Crossover(
     tpu=((1, 0.001), (512, 0.0002)),
 )
 
-#: BSR. CPU: measured (``--parts crossover`` over block models). GPU (estimate): dense
-#: ``b × b`` tile products, but each program's ``[BT, b] @ [b, b]`` dots are small for tensor
-#: cores, so densifying pays from about a quarter (half at one token, where both are
-#: memory-bound). TPU (estimate): every stored block is one grid step (~0.35 µs of overhead)
-#: whose ``[b, b] @ [b, BT]`` product fills 1/64 of a 128 × 128 MXU at b = 16, while the dense
-#: product of a 576 × 1536 layer takes a few µs: only a percent or two of blocks pays.
+#: BSR. CPU: measured on whole SmolLM2 forwards pruned in 16 × 16 tiles
+#: (``results/bench_sparse_crossover_block16.json``); at 1 and 64 tokens the XLA form won up to
+#: the grid's end (70 %), so 0.7 there is a lower bound. GPU (estimate): dense ``b × b`` tile
+#: products, but each program's ``[BT, b] @ [b, b]`` dots are small for tensor cores, so
+#: densifying pays from about a quarter (half at one token, where both are memory-bound). TPU
+#: (estimate): every stored block is one grid step (~0.35 µs of overhead) whose ``[b, b] @ [b,
+#: BT]`` product fills 1/64 of a 128 × 128 MXU at b = 16, while the dense product of a 576 ×
+#: 1536 layer takes a few µs: only a percent or two of blocks pays.
 BLOCK_CROSSOVER = Crossover(
-    cpu=((1, 0.6), (512, 0.4)),
+    cpu=((1, 0.7), (64, 0.7), (512, 0.173)),
     gpu=((1, 0.5), (512, 0.25)),
     tpu=((1, 0.02), (512, 0.02)),
 )

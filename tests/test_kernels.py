@@ -174,14 +174,17 @@ def test_auto_densifies_on_cpu_above_the_measured_crossover():
                                        rtol=1e-4, atol=1e-4)
 
 
-def test_densify_above_matches_the_committed_benchmark():
-    """The CPU dispatch constants are the crossovers the committed benchmark measured."""
+@pytest.mark.parametrize("fmt, name", [("coo", "bench_sparse_crossover.json"),
+                                       ("block", "bench_sparse_crossover_block16.json")])
+def test_densify_above_matches_the_committed_benchmark(fmt, name):
+    """The CPU dispatch constants are the crossovers the committed benchmarks measured."""
     import json
     from pathlib import Path
-    bench = Path(__file__).parents[1] / "results" / "bench_sparse_crossover.json"
-    measured = json.loads(bench.read_text())["densify_above"]
-    assert {int(t): round(d, 3) for t, d in measured.items()} == dict(
-        kernels.COO_CROSSOVER.cpu)
+    bench = json.loads((Path(__file__).parents[1] / "results" / name).read_text())
+    assert bench.get("crossover_structure", "unstructured") == (
+        "block16" if fmt == "block" else "unstructured")
+    measured = {int(t): round(d, 3) for t, d in bench["densify_above"].items()}
+    assert measured == dict(getattr(kernels.DEFAULT_RULE, fmt).cpu)
 
 
 def test_jit_does_not_retrace_for_new_values():
