@@ -21,7 +21,7 @@ magnitude  ``|W_ij|``                                   per tensor; N:M; whole o
 Wanda      ``|W_ij| · ‖X_i‖₂``                          top-k per output (column); N:M; ``b × b``
                                                         tiles per tensor
 SparseGPT  ``W_ij² / [U]_ii²``, ``H⁻¹ = UᵀU``            per ``blocksize`` inputs with OBS updates;
-                                                        N:M; ``b × b`` tiles per ``blocksize`` inputs
+                                                        N:M; ``b × b`` tiles per lazy batch
 =========  ===========================================  ==========================================
 
 Structures are the values of :mod:`admm_jax.ops.structures` (or their strings ``"unstructured"``,
