@@ -184,17 +184,10 @@ def test_bad_arguments():
         sparsity_split(0.5, structure="block0")
 
 
-def test_global_scope_recovers_unequal_per_tensor_densities():
-    """Two tensors planted at 20 % and 5 % density: one global budget finds both supports; the
-    per-tensor rule (12.5 % each) cannot."""
-    a, ya, wa = planted_problem(seed=3, sparsity=0.8, n=56)
-    wb = planted_problem(seed=4, sparsity=0.95)[2]
-    yb = a @ jnp.asarray(wb, jnp.float32)
-    truth = {"a": wa != 0, "b": wb != 0}
-    sparsity = 1 - (truth["a"].sum() + truth["b"].sum()) / (2 * wa.size)
-    tx = optax.chain(elsa(sparsity, rho=0.5, interval=5, scope="global", mask=".*"),
-                     optax.sgd(0.05))
-    params = {"a": jnp.zeros(wa.shape), "b": jnp.zeros(wb.shape)}
+def _fit_pair(tx, a, ya, yb, shape_a, shape_b, steps: int):
+    """``steps`` of ``tx`` from zero on two least-squares fits sharing the inputs ``a``:
+    ``a @ p["a"] ≈ ya`` and ``a @ p["b"] ≈ yb``."""
+    params = {"a": jnp.zeros(shape_a), "b": jnp.zeros(shape_b)}
     state = tx.init(params)
 
     @jax.jit
@@ -205,8 +198,22 @@ def test_global_scope_recovers_unequal_per_tensor_densities():
         updates, state = tx.update(jax.grad(loss)(params), state, params)
         return optax.apply_updates(params, updates), state
 
-    for _ in range(800):
+    for _ in range(steps):
         params, state = step(params, state)
+    return params, state
+
+
+def test_global_scope_recovers_unequal_per_tensor_densities():
+    """Two tensors planted at 20 % and 5 % density: one global budget finds both supports; the
+    per-tensor rule (12.5 % each) cannot."""
+    a, ya, wa = planted_problem(seed=3, sparsity=0.8, n=56)
+    wb = planted_problem(seed=4, sparsity=0.95)[2]
+    yb = a @ jnp.asarray(wb, jnp.float32)
+    truth = {"a": wa != 0, "b": wb != 0}
+    sparsity = 1 - (truth["a"].sum() + truth["b"].sum()) / (2 * wa.size)
+    tx = optax.chain(elsa(sparsity, rho=0.5, interval=5, scope="global", mask=".*"),
+                     optax.sgd(0.05))
+    params, state = _fit_pair(tx, a, ya, yb, wa.shape, wb.shape, 800)
     final, masks = finalize(params, state, sparsity, scope="global")
     for name in ("a", "b"):
         np.testing.assert_array_equal(np.asarray(masks[name]), truth[name])
@@ -272,19 +279,7 @@ def test_global_block_scope_recovers_unequal_tile_counts():
     yb = a @ jnp.asarray(wb, jnp.float32)
     tx = optax.chain(elsa(0.75, rho=0.5, interval=5, structure="block16", scope="global",
                           mask=".*"), optax.sgd(0.05))
-    params = {"a": jnp.zeros(wa.shape), "b": jnp.zeros(wb.shape)}
-    state = tx.init(params)
-
-    @jax.jit
-    def step(params, state):
-        def loss(p):
-            return 0.5 * (jnp.mean(jnp.sum((a @ p["a"] - ya) ** 2, -1))
-                          + jnp.mean(jnp.sum((a @ p["b"] - yb) ** 2, -1)))
-        updates, state = tx.update(jax.grad(loss)(params), state, params)
-        return optax.apply_updates(params, updates), state
-
-    for _ in range(600):
-        params, state = step(params, state)
+    params, state = _fit_pair(tx, a, ya, yb, wa.shape, wb.shape, 600)
     _, masks = finalize(params, state, 0.75, structure="block16", scope="global")
     np.testing.assert_array_equal(tiles_of(masks["a"]), ta)
     np.testing.assert_array_equal(tiles_of(masks["b"]), tb)

@@ -149,15 +149,7 @@ def test_recovers_planted_low_rank_plus_sparse(svd):
                            beta_step=2.0)
     tx = optax.chain(slr_admm(rho=1.0, interval=2, mask={"w": True}, controller=cfg, svd=svd,
                               rank_cap_ratio=0.25), optax.sgd(0.3))
-    params = {"w": jnp.zeros((m, n), jnp.float32)}
-    state = tx.init(params)
-
-    @jax.jit
-    def step(params, state):
-        grads = jax.grad(lambda p: 0.5 * jnp.sum((p["w"] - target) ** 2))(params)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
+    step, params, state = _denoising(tx, target)
     for _ in range(400):
         params, state = step(params, state)
     (block,) = block_states(state).values()
@@ -167,6 +159,20 @@ def test_recovers_planted_low_rank_plus_sparse(svd):
     ((L, S),) = slr_components(state).values()
     assert float(jnp.linalg.norm(L - low) / np.linalg.norm(low)) < 0.06
     assert float(jnp.linalg.norm(S - sparse) / np.linalg.norm(sparse)) < 0.06
+
+
+def _denoising(tx, target):
+    """``(step, params, state)`` of ``tx`` on ``½‖W − target‖²`` from ``W = 0`` (``step``
+    jitted)."""
+    params = {"w": jnp.zeros(target.shape, jnp.float32)}
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(lambda p: 0.5 * jnp.sum((p["w"] - target) ** 2))(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step, params, tx.init(params)
 
 
 def test_slr_in_chain_on_llama_runs_and_reports_metrics():
@@ -298,15 +304,7 @@ def test_block_salaad_steps_give_whole_tile_sparse_part():
                            beta_step=2.0)
     tx = optax.chain(slr_admm(rho=1.0, interval=2, mask={"w": True}, controller=cfg,
                               sparse_structure="block16"), optax.sgd(0.3))
-    params = {"w": jnp.zeros((m, n), jnp.float32)}
-    state = tx.init(params)
-
-    @jax.jit
-    def step(params, state):
-        grads = jax.grad(lambda p: 0.5 * jnp.sum((p["w"] - target) ** 2))(params)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
+    step, params, state = _denoising(tx, target)
     counts = []
     for _ in range(30):
         for _ in range(2):  # one stage 2 per interval
