@@ -462,17 +462,17 @@ def bench_backward_memory(shape, densities, token_counts,
 
 
 def bench_block_model(root: Path, name: str, corpus: str, sparsity: float, token_counts,
-                      repeats: int, warmup: int, eval_batches_: int = 4) -> dict:
+                      repeats: int, warmup: int, n_eval_batches: int = 4) -> dict:
     """(g): the pretrained ``name`` pruned by SparseGPT to ``sparsity`` unstructured and in
     16 × 16 blocks (32 × 256 calibration tokens of ``corpus``'s train split), each stored compact
-    (COO / BSR16): held-out perplexity on ``eval_batches_`` × 8 × 256 validation tokens, and the
+    (COO / BSR16): held-out perplexity on ``n_eval_batches`` × 8 × 256 validation tokens, and the
     forward latency and bytes against the dense model (:func:`bench_models`)."""
     loaded = load_model_source("", name)
     config, params, tokenizer = loaded.config, loaded.params, loaded.tokenizer
     data = prepare_corpus(corpus, tokenizer=tokenizer)
     calibration = calibration_samples(data, 32, 256, seed=0)
     windows = list(eval_batches(data.val, batch_size=8, seq_len=min(256, config.max_seq_len),
-                                max_batches=eval_batches_))
+                                max_batches=n_eval_batches))
     nll_sum = make_nll_sum(abstract_params(config)[0])
     ppl = {"dense": perplexity(nll_sum, params, windows)}
     models = {"dense": str(save_model(root / "dense", params, model_config=config,
@@ -608,7 +608,7 @@ def run(cfg: BenchSparseConfig) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             result["blockmodel"] = bench_block_model(
                 Path(tmp), cfg.standins, cfg.corpus, cfg.block_sparsity, tokens, repeats, warmup,
-                eval_batches_=1 if cfg.quick else 4)
+                n_eval_batches=1 if cfg.quick else 4)
     if "spmm" in parts:
         token_counts = (1, 512) if cfg.quick else SPMM_TOKENS
         result["spmm"] = bench_spmm(shapes, (0.01, 0.1) if cfg.quick else DENSITIES,

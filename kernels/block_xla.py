@@ -85,6 +85,7 @@ import numpy as np
 from admm_jax._checks import check_int
 from kernels.block import BlockSparseMatrix, block_from_dense
 from kernels.sparse import accumulation_dtype as _acc
+from kernels.sparse import overlap_block
 
 TEMP_BUDGET = 2 * 1024 * 1024  # bytes of gathered tiles + products per step
 FUSED_MAX_BLOCK = 32  # tile sides up to this use the fused multiply-adds, larger the einsums
@@ -130,13 +131,6 @@ def _sddmm_sizes(budget: int, itemsize: int, t: int, b: int, n: int) -> tuple[in
     tt, chunk = _tile_sizes(budget, itemsize * (2 * b + -(-2 * b * b // group)), t, n,
                             multiple=group)
     return tt, chunk, min(group, tt)
-
-
-def _overlap_block(k: jax.Array, size: int, n: int) -> tuple[jax.Array, jax.Array]:
-    """Start of block ``k`` of ``size`` elements out of ``n``, clamped so the last block ends at
-    ``n``, and the mask ``fresh [size]`` of the elements no earlier block covered."""
-    start = jnp.minimum(k * size, n - size)
-    return start, start + jnp.arange(size) >= k * size
 
 
 def _gather_tiles(a3: jax.Array, t0: jax.Array, tiles: jax.Array, tt: int) -> jax.Array:
@@ -209,10 +203,10 @@ def _segment_matmul(x: jax.Array, values: jax.Array, src: jax.Array, dst: jax.Ar
     src, dst = src.astype(jnp.int32), dst.astype(jnp.int32)
 
     def token_tile(j, out):
-        t0, t_fresh = _overlap_block(j, tt, t)
+        t0, t_fresh = overlap_block(j, tt, t)
 
         def step(k, out):
-            start, fresh = _overlap_block(k, chunk, n)
+            start, fresh = overlap_block(k, chunk, n)
             s = jax.lax.dynamic_slice_in_dim(src, start, chunk)
             d = jnp.where(fresh, jax.lax.dynamic_slice_in_dim(dst, start, chunk), n_dst)
             v = jax.lax.dynamic_slice_in_dim(values, start, chunk).astype(dt)
@@ -264,10 +258,10 @@ def sddmm(x: jax.Array, dy: jax.Array, w: BlockSparseMatrix, *,
     rows, cols = w.block_rows.astype(jnp.int32), w.block_cols.astype(jnp.int32)
 
     def token_tile(j, out):
-        t0, t_fresh = _overlap_block(j, tt, t)
+        t0, t_fresh = overlap_block(j, tt, t)
 
         def step(k, out):
-            start, fresh = _overlap_block(k, chunk, n)
+            start, fresh = overlap_block(k, chunk, n)
             xs = _gather_tiles(x3, t0, jax.lax.dynamic_slice_in_dim(rows, start, chunk), tt)
             ds = _gather_tiles(dy3, t0, jax.lax.dynamic_slice_in_dim(cols, start, chunk), tt)
             if tt < t:

@@ -195,3 +195,10 @@ def pad_to(a: jax.Array, axis: int, multiple: int, extra: int = 0) -> jax.Array:
     widths = [(0, 0)] * a.ndim
     widths[axis] = (0, pad)
     return jnp.pad(a, widths)
+
+
+def overlap_block(k: jax.Array, size: int, n: int) -> tuple[jax.Array, jax.Array]:
+    """Start of block ``k`` of ``size`` elements out of ``n``, clamped so the last block ends at
+    ``n`` (no padding), and the mask ``fresh [size]`` of the elements no earlier block covered."""
+    start = jnp.minimum(k * size, n - size)
+    return start, start + jnp.arange(size) >= k * size

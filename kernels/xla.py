@@ -11,10 +11,11 @@ chunks of ``CHUNK`` entries so that the gathered intermediate is ``[CHUNK, tt]``
 The tile ``tt = ⌊budget / (b · (n_src + 2·n_dst + CHUNK))⌋`` (``SPMM_BUDGET`` = 1 MiB) bounds
 their temporaries — the transposed input tile, the transposed output tile and its transpose, the
 gathered chunk — independently of ``T``; each finished tile is written into the ``[T, n_dst]``
-output in place. Transposing whole inputs instead held ``[n_in + 2·n_out, T]`` numbers: 1.87×
-the dense gradient's bytes in a 576 × 1536 layer's forward + backward at 512 tokens and 1 %
-density, 14.6× at 4,096 tokens; tiled it is 0.34× at both (0.80× at 10 %), at 0.8–1.3× the
-untiled time (``python -m experiments.bench_sparse --parts memory``).
+output in place. Transposing whole inputs instead held ``[n_in + 2·n_out, T]`` numbers, which
+grows with ``T`` past the dense gradient's ``n_in × n_out`` bytes. Tiled, the layer's forward +
+backward holds 0.32× the dense gradient at 512 and 2,048 tokens and 1 %, at most 0.59× up to 10 %
+(``memory`` rows of ``results/bench_sparse_formats.json``, ``python -m experiments.bench_sparse
+--parts formats,memory``).
 
 The SDDMM (Gale et al. 2020) ``dvalues[i] = Σ_t x[t, rows[i]] · dy[t, cols[i]]`` keeps its
 temporaries within a byte ``budget`` (default ``TEMP_BUDGET`` = 256 KiB) independent of ``T``
@@ -68,7 +69,7 @@ import jax
 import jax.numpy as jnp
 
 from admm_jax._checks import check_int
-from kernels.sparse import SparseMatrix
+from kernels.sparse import SparseMatrix, overlap_block
 from kernels.sparse import accumulation_dtype as _acc
 
 CHUNK = 1024
@@ -118,7 +119,7 @@ def _segment_matmul(x: jax.Array, values: jax.Array, src: jax.Array, dst: jax.Ar
     tt = _spmm_token_tile(budget, jnp.dtype(x.dtype).itemsize, t, x.shape[1], n_dst)
 
     def token_tile(j, out):
-        start = jnp.minimum(j * tt, t - tt)
+        start, _ = overlap_block(j, tt, t)
         xt = jax.lax.dynamic_slice_in_dim(x, start, tt).T
         part = _segment_matmul_tile(xt, values, src, dst, n_dst, dst_sorted).T
         return jax.lax.dynamic_update_slice_in_dim(out, part, start, 0)
@@ -154,20 +155,13 @@ def _budget_tiles(budget: int, itemsize: int, t: int, n_in: int, n_out: int,
     return tt, max(1, min(nnz, budget // (4 * itemsize * tt)))
 
 
-def _overlap_block(k: jax.Array, size: int, n: int) -> tuple[jax.Array, jax.Array]:
-    """Start of block ``k`` of ``size`` elements out of ``n``, clamped so the last block ends at
-    ``n`` (no padding), and the mask ``fresh [size]`` of the elements no earlier block covered."""
-    start = jnp.minimum(k * size, n - size)
-    return start, start + jnp.arange(size) >= k * size
-
-
 def _sddmm_tile(xt: jax.Array, dyt: jax.Array, w: SparseMatrix, chunk: int,
                 out: jax.Array) -> jax.Array:
     """``out + [⟨xt[rows[i], :], dyt[cols[i], :]⟩]_i`` for one token tile, ``chunk`` entries at
     a time (row gathers of the transposed tile, updated in place in ``out``)."""
 
     def body(k, out):
-        start, fresh = _overlap_block(k, chunk, w.nnz)
+        start, fresh = overlap_block(k, chunk, w.nnz)
         r, c = (jax.lax.dynamic_slice_in_dim(a, start, chunk).astype(jnp.int32)
                 for a in (w.rows, w.cols))
         part = jnp.sum(xt[r] * dyt[c], axis=1)
@@ -189,7 +183,7 @@ def sddmm(x: jax.Array, dy: jax.Array, w: SparseMatrix, *,
     tt, chunk = _budget_tiles(budget, jnp.dtype(dt).itemsize, x.shape[0], *w.shape, w.nnz)
 
     def token_tile(j, out):
-        start, fresh = _overlap_block(j, tt, x.shape[0])
+        start, fresh = overlap_block(j, tt, x.shape[0])
         xs, ds = (jax.lax.dynamic_slice_in_dim(a, start, tt).astype(dt).T for a in (x, dy))
         xt = jnp.where(fresh[None, :], xs, 0)  # tokens an earlier tile covered count 0
         return _sddmm_tile(xt, ds, w, chunk, out)

@@ -361,3 +361,19 @@ def test_readme_block_sparse_snippet_runs_as_written():
     np.testing.assert_allclose(scope["y"], x @ dense, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(scope["y_sparse"], scope["y"], rtol=1e-5, atol=1e-4)
     assert scope["grad"].shape == w_bsr.values.shape
+
+
+@pytest.mark.parametrize("budget", [1, 4 * (N_IN + 2 * N_OUT + kxla.CHUNK) * 4, 1 << 30])
+def test_xla_spmm_token_tiles_match_reference_at_any_budget(budget):
+    """The SpMMs' token tiles: 1 token per tile, 4 (not dividing T = 11: the last tile is clamped
+    and overlaps its predecessor) and the whole input as one tile give the reference products."""
+    m = from_dense(_planted(density=0.3))
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((11, N_IN)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((11, N_OUT)), jnp.float32)
+    tt = kxla._spmm_token_tile(budget, 4, 11, N_IN, N_OUT)
+    assert tt == {1: 1, 1 << 30: 11}.get(budget, 4)
+    np.testing.assert_allclose(kxla.spmm(x, m, budget=budget), kreference.spmm(x, m),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kxla.spmm_t(dy, m, budget=budget), kreference.spmm_t(dy, m),
+                               rtol=1e-5, atol=1e-5)
